@@ -1,0 +1,1 @@
+"""Typer command-line apps; installed as plw_data.cli."""

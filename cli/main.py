@@ -1,0 +1,76 @@
+"""`plw-data`: prepare, inspect, verify and measure instruction-tuning data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import options as o
+
+app = typer.Typer(
+    name="plw-data",
+    help="Instruction-tuning data with a prompt-loss-weight: exact masks, global packing, statistics.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+@o.handle_errors
+def prepare(
+    inputs: Annotated[list[str], typer.Argument(help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    tokenizer: o.Tokenizer = None,
+    recipe: o.Recipe = None,
+    format: o.Format = None,
+    prompt_template: o.PromptTemplate = None,
+    completion_template: o.CompletionTemplate = None,
+    system_prompt: o.SystemPrompt = None,
+    chat_template: o.ChatTemplate = None,
+    train_on: o.TrainOn = None,
+    end_of_turn: o.EndOfTurn = None,
+    max_length: o.MaxLength = None,
+    truncation: o.Truncation = None,
+    pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Global sample packing  [default: pack]")] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="Seeded eval split  [default: 0]")] = None,
+    eval_input: Annotated[Optional[list[str]], typer.Option("--eval-input", help="Eval split from these files.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    num_proc: Annotated[Optional[int], typer.Option("--num-proc", help="Encoding processes  [default: 1]")] = None,
+    on_error: Annotated[Optional[str], typer.Option("--on-error", help="Bad rows: skip (recorded) | fail  [default: skip]")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Split the job over K machines...")] = None,
+    shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="...this one prepares slice i.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Tokenize INPUTS into Arrow shards with prompt/completion/template masks, packed, with a manifest."""
+    given = {k: v for k, v in locals().items() if k not in ("inputs", "output", "recipe", "overwrite", "quiet")}
+    from rich.console import Console
+
+    from plw_data.config import DataConfig, build_config, load_recipe
+    from plw_data.prepare import prepare as run
+    from plw_data.report import summary_table
+
+    cfg = build_config(DataConfig, load_recipe(recipe), given, source=str(recipe))
+    console = Console(stderr=True, quiet=quiet)
+    manifest = run(inputs, cfg, output, overwrite=overwrite, progress=not quiet, log=console.print)
+    console.print(summary_table(manifest, output))
+
+
+@app.command()
+@o.handle_errors
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A prepared directory.")],
+    split: Annotated[str, typer.Option("--split")] = "train",
+    index: Annotated[int, typer.Option("--index", "-i", help="Row number within the split.")] = 0,
+    ids: Annotated[bool, typer.Option("--ids", help="Also list every token with its id and category.")] = False,
+    tokenizer: o.Tokenizer = None,
+) -> None:
+    """Show one row's tokens coloured by category: what will be trained, and where packed examples begin."""
+    from rich.console import Console
+
+    from plw_data.inspect import render_row
+
+    Console().print(render_row(directory, split, index, show_ids=ids, tokenizer=tokenizer))

@@ -1,0 +1,27 @@
+"""Errors that reach the user as one clear line (file, row, field) and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class PLWError(Exception):
+    """Base class: the CLI prints str(e) on one line and exits 2."""
+
+
+class ConfigError(PLWError):
+    """A bad option, recipe key or missing file."""
+
+
+class RowError(PLWError):
+    """A bad input row; `reason` is the drop reason recorded in dropped.jsonl."""
+
+    def __init__(self, reason: str, detail: str, *, field: str | None = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.field = field
+
+    def located(self, file: str, row: int) -> str:
+        where = f"{file}: row {row}"
+        if self.field:
+            where += f", field {self.field!r}"
+        return f"{where}: {self.reason}: {self.detail}"

@@ -1,0 +1,81 @@
+"""`plw-data inspect`: one prepared row, coloured by what will be trained.
+
+Text is decoded per run of same-category tokens (not per token), so multi-byte characters split
+across byte-fallback tokens still read correctly; `--ids` lists the tokens one by one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .encode import CATEGORY_NAMES, COMPLETION, PROMPT, TEMPLATE
+from .errors import ConfigError
+from .shards import iter_record_batches
+
+STYLES = {TEMPLATE: "dim magenta", PROMPT: "cyan", COMPLETION: "bold green"}
+
+
+def read_row(directory: Path, split: str, index: int) -> dict[str, np.ndarray]:
+    """Row `index` of a prepared split as numpy arrays."""
+    folder = Path(directory) / split
+    if not (folder / "state.json").exists():
+        raise ConfigError(f"{folder}: no such prepared split")
+    seen = 0
+    for batch in iter_record_batches(folder):
+        if index < seen + batch.num_rows:
+            row = batch.slice(index - seen, 1).to_pylist()[0]
+            return {k: np.asarray(v) for k, v in row.items()}
+        seen += batch.num_rows
+    raise ConfigError(f"{folder}: --index {index} out of range (the split has {seen} rows)")
+
+
+def categories(row: dict[str, np.ndarray]) -> np.ndarray:
+    return row["prompt_mask"] * PROMPT + row["completion_mask"] * COMPLETION
+
+
+def _runs(cats: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of maximal runs of equal category."""
+    cuts = np.flatnonzero(np.diff(cats)) + 1
+    bounds = np.concatenate(([0], cuts, [len(cats)]))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def render_row(directory: Path, split: str, index: int, *, show_ids: bool = False, tokenizer: str | None = None) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from .tokenizer import load_tokenizer
+
+    manifest = json.loads((Path(directory) / "manifest.json").read_text())
+    tok = load_tokenizer(tokenizer or manifest["tokenizer"]["name_or_path"])
+    row = read_row(directory, split, index)
+    ids, cats = row["input_ids"], categories(row)
+    legend = Text.assemble(
+        f"{split}[{index}]: {len(ids)} tokens, {len(row['seq_lengths'])} example(s)   ",
+        *[(f" {CATEGORY_NAMES[c]} ", STYLES[c] + " reverse") for c in (PROMPT, COMPLETION, TEMPLATE)],
+    )
+    parts: list[Any] = [legend]
+    start = 0
+    for length, example in zip(row["seq_lengths"].tolist(), row["example_index"].tolist()):
+        end = start + length
+        counts = np.bincount(cats[start:end], minlength=3)
+        header = (
+            f"── example {example}: tokens {start}..{end - 1}  "
+            f"(prompt {counts[PROMPT]}, completion {counts[COMPLETION]}, template {counts[TEMPLATE]}) ──"
+        )
+        body = Text()
+        for a, b in _runs(cats[start:end]):
+            body.append(tok.decode(ids[start + a : start + b].tolist()), style=STYLES[int(cats[start + a])])
+        parts += [Text(header, style="bold"), body]
+        if show_ids:
+            table = Table("pos", "id", "token", "category", box=None)
+            for p in range(start, end):
+                table.add_row(str(p), str(int(ids[p])), repr(tok.convert_ids_to_tokens(int(ids[p]))), CATEGORY_NAMES[int(cats[p])])
+            parts.append(table)
+        start = end
+    return Group(*parts)

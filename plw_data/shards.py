@@ -1,0 +1,226 @@
+"""Arrow shards: staged examples in, `datasets.load_from_disk`-compatible split folders out.
+
+Examples are first staged on disk (flat int32 ids + uint8 categories, memory-mapped), so a split
+never needs all its token ids in memory: packing plans on lengths, then each shard gathers its
+tokens with one vectorised index. Shards are Arrow IPC streams written under a temporary name,
+fsynced and renamed, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .encode import COMPLETION, PROMPT, TEMPLATE, CountsBatch, EncodedBatch
+from .pack import PackPlan
+
+COLUMNS = {
+    "input_ids": pa.int32(),
+    "prompt_mask": pa.uint8(),
+    "completion_mask": pa.uint8(),
+    "template_mask": pa.uint8(),
+    "seq_lengths": pa.int32(),
+    "example_index": pa.int64(),
+}
+SCHEMA = pa.schema([(name, pa.list_(t)) for name, t in COLUMNS.items()])
+ROWS_PER_BATCH = 1024
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write a small file atomically: temp name, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Stage:
+    """Append-only on-disk store of encoded examples; read back memory-mapped."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self._ids = (folder / "ids.bin").open("wb")
+        self._cats = (folder / "cats.bin").open("wb")
+        self._lengths: list[np.ndarray] = []
+        self._index: list[np.ndarray] = []
+
+    def append(self, batch: EncodedBatch) -> None:
+        self._ids.write(batch.input_ids.astype(np.int32, copy=False).tobytes())
+        self._cats.write(batch.category.astype(np.uint8, copy=False).tobytes())
+        self._lengths.append(batch.lengths)
+        self._index.append(batch.example_index)
+
+    def close(self) -> StagedExamples:
+        self._ids.close()
+        self._cats.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        index = np.concatenate(self._index) if self._index else np.zeros(0, np.int64)
+        total = int(lengths.sum())
+        mm = lambda name, dt: np.memmap(self.folder / name, dt, "r", shape=(total,)) if total else np.zeros(0, dt)
+        return StagedExamples(mm("ids.bin", np.int32), mm("cats.bin", np.uint8), lengths, index)
+
+
+@dataclass
+class StagedExamples:
+    input_ids: np.ndarray  # int32 [T], memory-mapped
+    category: np.ndarray  # uint8 [T], memory-mapped
+    lengths: np.ndarray  # int64 [n]
+    example_index: np.ndarray  # int64 [n]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate(([0], np.cumsum(self.lengths)))
+
+
+def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + l) for all (s, l), without a Python loop."""
+    total = int(lengths.sum())
+    run_starts = np.cumsum(lengths) - lengths
+    return np.repeat(starts - run_starts, lengths) + np.arange(total, dtype=np.int64)
+
+
+def _list(offsets: np.ndarray, values: np.ndarray, t: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=t))
+
+
+def _record_batch(staged: StagedExamples, starts: np.ndarray, items: np.ndarray, row_starts: np.ndarray) -> pa.RecordBatch:
+    """Rows built from staged examples `items` (positions), split into rows by row_starts."""
+    lengths = staged.lengths[items]
+    gather = _gather_index(starts[items], lengths)
+    ids = np.asarray(staged.input_ids[gather])
+    cats = np.asarray(staged.category[gather])
+    item_ends = np.concatenate(([0], np.cumsum(lengths)))
+    token_offsets = item_ends[row_starts]
+    return pa.RecordBatch.from_arrays(
+        [
+            _list(token_offsets, ids, pa.int32()),
+            _list(token_offsets, (cats == PROMPT).view(np.uint8), pa.uint8()),
+            _list(token_offsets, (cats == COMPLETION).view(np.uint8), pa.uint8()),
+            _list(token_offsets, (cats == TEMPLATE).view(np.uint8), pa.uint8()),
+            _list(row_starts, lengths.astype(np.int32), pa.int32()),
+            _list(row_starts, staged.example_index[items], pa.int64()),
+        ],
+        schema=SCHEMA,
+    )
+
+
+def _features_json() -> tuple[dict[str, Any], dict[bytes, bytes]]:
+    """The `datasets` feature description of SCHEMA, in the installed version's own dialect."""
+    import datasets
+
+    features = datasets.Features(
+        {name: datasets.List(datasets.Value(str(t))) for name, t in COLUMNS.items()}
+        if hasattr(datasets, "List")
+        else {name: datasets.Sequence(datasets.Value(str(t))) for name, t in COLUMNS.items()}
+    )
+    return features.to_dict(), features.arrow_schema.metadata
+
+
+def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan: PackPlan, *, max_length: int,
+                packed: bool, shard_tokens: int) -> dict[str, Any]:
+    """Write one split; `plan` indexes into `members` (positions in `staged`). Returns its manifest entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    starts = staged.offsets[:-1]
+    items = members[plan.order]
+    row_tokens = np.add.reduceat(staged.lengths[items], plan.row_starts[:-1]) if plan.n_rows else np.zeros(0, np.int64)
+    # Shard boundaries on cumulative tokens: shard k holds rows whose start falls in [k*S, (k+1)*S).
+    cum = np.concatenate(([0], np.cumsum(row_tokens)))
+    n_shards = max(1, int(np.ceil(cum[-1] / shard_tokens))) if plan.n_rows else 1
+    bounds = np.searchsorted(cum[:-1], np.arange(n_shards + 1) * shard_tokens, side="left")
+    bounds[-1] = plan.n_rows
+    features, metadata = _features_json()
+    schema = SCHEMA.with_metadata(metadata)
+    shards = []
+    for k in range(n_shards):
+        name = f"data-{k:05d}-of-{n_shards:05d}.arrow"
+        tmp = folder / (name + ".tmp")
+        r0, r1 = int(bounds[k]), int(bounds[k + 1])
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for b0 in range(r0, r1, ROWS_PER_BATCH):
+                b1 = min(b0 + ROWS_PER_BATCH, r1)
+                rs = plan.row_starts[b0 : b1 + 1]
+                writer.write_batch(_record_batch(staged, starts, items[rs[0] : rs[-1]], rs - rs[0]).cast(schema))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
+        path = folder / name
+        shards.append({"file": name, "rows": r1 - r0, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+    state = {
+        "_data_files": [{"filename": s["file"]} for s in shards],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
+    fsync_write(folder / "dataset_info.json", json.dumps(info, indent=2).encode())
+    fsync_write(folder / "state.json", json.dumps(state, indent=2).encode())
+    cats = staged.category
+    sel = _gather_index(starts[members], staged.lengths[members]) if len(members) else np.zeros(0, np.int64)
+    per_cat = np.bincount(np.asarray(cats[sel]), minlength=3) if len(sel) else np.zeros(3, np.int64)
+    tokens = int(cum[-1])
+    rows = plan.n_rows
+    return {
+        "rows": rows,
+        "examples": int(len(members)),
+        "tokens": tokens,
+        "prompt_tokens": int(per_cat[PROMPT]),
+        "completion_tokens": int(per_cat[COMPLETION]),
+        "template_tokens": int(per_cat[TEMPLATE]),
+        "max_length": max_length,
+        "packed": packed,
+        "fill": tokens / (rows * max_length) if rows else 0.0,
+        "lower_bound_rows": -(-tokens // max_length),
+        "shards": shards,
+    }
+
+
+def split_files(folder: Path) -> list[Path]:
+    state = json.loads((folder / "state.json").read_text())
+    return [folder / f["filename"] for f in state["_data_files"]]
+
+
+def iter_record_batches(folder: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Memory-mapped read of a split, batch by batch."""
+    for path in split_files(folder):
+        with pa.memory_map(str(path), "r") as source:
+            for batch in pa.ipc.open_stream(source):
+                yield batch.select(columns) if columns else batch
+
+
+def _flat(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    return batch.column(name).flatten().to_numpy(zero_copy_only=False)
+
+
+def iter_split_counts(folder: Path, split: str = "train") -> Iterator[CountsBatch]:
+    """Per-example template/prompt/completion token counts of a prepared split, from its masks."""
+    cols = ["prompt_mask", "completion_mask", "template_mask", "seq_lengths", "example_index"]
+    for batch in iter_record_batches(Path(folder) / split, cols):
+        seq = _flat(batch, "seq_lengths").astype(np.int64)
+        if not len(seq):
+            continue
+        starts = np.concatenate(([0], np.cumsum(seq)[:-1]))
+        count = lambda name: np.add.reduceat(_flat(batch, name).astype(np.int64), starts)
+        yield CountsBatch(_flat(batch, "example_index"), count("template_mask"), count("prompt_mask"), count("completion_mask"))
