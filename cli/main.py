@@ -74,3 +74,7 @@ def inspect(
     from plw_data.inspect import render_row
 
     Console().print(render_row(directory, split, index, show_ids=ids, tokenizer=tokenizer))
+
+
+if __name__ == "__main__":
+    app()

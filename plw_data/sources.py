@@ -67,7 +67,7 @@ def _json_lines(lines: Iterator[bytes]) -> Iterator[dict[str, Any] | RowError]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            yield RowError("malformed_json", e.msg + f" at column {e.colno}")
+            yield RowError("malformed_json", f"{e.msg} (column {e.colno})")
             continue
         yield obj if isinstance(obj, dict) else RowError("not_an_object", f"a row must be a JSON object, got {type(obj).__name__}")
 

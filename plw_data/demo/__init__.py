@@ -1,0 +1,1 @@
+"""Embedded demo data: small original datasets for the README's first command."""
