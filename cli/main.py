@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import options as o
+from .rg_stats import rg_stats
 
 app = typer.Typer(
     name="plw-data",
@@ -74,6 +75,9 @@ def inspect(
     from plw_data.inspect import render_row
 
     Console().print(render_row(directory, split, index, show_ids=ids, tokenizer=tokenizer))
+
+
+app.command("rg-stats")(rg_stats)
 
 
 if __name__ == "__main__":

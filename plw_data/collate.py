@@ -1,0 +1,290 @@
+"""Batch prepared rows (packed or not) into tensors for a weighted-loss causal-LM step.
+
+Every token carries the weight of *predicting* it: completion tokens ``completion_weight`` (1),
+prompt tokens ``prompt_loss_weight`` (PLW), template tokens ``template_weight`` (default: PLW).
+``labels`` and ``loss_weights`` are aligned with ``input_ids``; the loss shifts by one as
+transformers does (hidden state t predicts token t+1), see :mod:`plw_data.loss`. The first token of
+every example is never a target: nothing of its own example precedes it.
+
+Layout. Rows are right-padded to the longest row (optionally a multiple of ``pad_to_multiple_of``).
+``position_ids`` restart at 0 at every example; the padding at the end of a row forms one more
+pseudo-example whose positions also restart at 0 (0, 1, 2, ...). That keeps every attention
+backend correct: real tokens never share a segment with padding, the padding segment attends only
+to itself (no fully masked row, so no NaN), and causal attention means trailing padding cannot
+reach any earlier token. ``cu_seq_lens_q/k`` (optional) list the same segments, padding included,
+over the whole batch flattened to ``B*L`` tokens, which is what transformers' flash-attention
+varlen path expects when it reshapes ``[B, L]`` to one stream.
+
+How to call a transformers (5.x) model with a batch::
+
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    # or: model(**model_inputs(batch))
+
+and never pass ``attention_mask`` for packed rows. Why each matters:
+
+- ``position_ids`` restarting at 0 are how transformers detects packed sequences and builds a
+  block-diagonal causal mask (eager, sdpa, flex), so examples packed in one row cannot see each
+  other.
+- ``use_cache=False``: with the default ``use_cache=True`` the model creates a KV cache before
+  building the mask, and packed-sequence detection is skipped whenever a cache exists: attention
+  silently leaks across the examples of a row (tests/test_collate.py pins this down).
+- no ``attention_mask``: a 2-D padding mask also switches packed-sequence detection off (leak);
+  it is not needed for right padding (see Layout). A hand-made boolean 4-D mask is taken as-is and
+  is wrong under eager attention, which adds the mask to the scores.
+- flash-attention infers segment boundaries from ``position_ids`` only at batch size 1; for
+  ``B > 1`` build the collator with ``emit_cu_seqlens=True`` and pass ``cu_seq_lens_q/k`` and
+  ``max_length_q/k`` too (``model_inputs`` does).
+
+``max_length_q/k`` are Python ints, as transformers' ``DataCollatorWithFlattening`` gives them:
+flash attention takes them as host integers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+#: ``category`` codes (returned with ``return_example_ids=True``).
+TEMPLATE, PROMPT, COMPLETION, PAD = 0, 1, 2, -1
+
+_MASKS = ("template_mask", "prompt_mask", "completion_mask")  # index == category code
+_MODEL_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+class PLWCollator:
+    """Collate rows of a prepared split into ``input_ids``, ``position_ids``, ``labels``, ``loss_weights``.
+
+    Args:
+        prompt_loss_weight: weight of prompt tokens (PLW).
+        template_weight: weight of template tokens; ``None`` means the same as ``prompt_loss_weight``.
+        completion_weight: weight of completion tokens.
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+        pad_token_id: id written into ``input_ids`` at padding (never a target).
+        emit_cu_seqlens: add ``cu_seq_lens_q/k`` (int32) and ``max_length_q/k`` (int) for flash attention.
+        return_example_ids: add ``category`` [B,L] int8 (0 template, 1 prompt, 2 completion, -1 pad) and
+            ``example_id`` [B,L] int64 (the row's ``example_index`` of each token, -1 on padding),
+            for per-category eval losses and per-example answer accuracy.
+        return_attention_mask: add ``attention_mask`` (1 real, 0 pad) when the batch has padding. Off by
+            default: transformers must not get it for packed rows (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        prompt_loss_weight: float = 0.0,
+        template_weight: float | None = None,
+        completion_weight: float = 1.0,
+        pad_to_multiple_of: int | None = None,
+        pad_token_id: int = 0,
+        emit_cu_seqlens: bool = False,
+        return_example_ids: bool = False,
+        return_attention_mask: bool = False,
+    ) -> None:
+        template = prompt_loss_weight if template_weight is None else template_weight
+        for name, value in (
+            ("prompt_loss_weight", prompt_loss_weight),
+            ("template_weight", template),
+            ("completion_weight", completion_weight),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of!r}")
+        self.prompt_loss_weight = float(prompt_loss_weight)
+        self.template_weight = float(template)
+        self.completion_weight = float(completion_weight)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = int(pad_token_id)
+        self.emit_cu_seqlens = emit_cu_seqlens
+        self.return_example_ids = return_example_ids
+        self.return_attention_mask = return_attention_mask
+        # Indexed by category code; index 3 (internal pad code) weighs 0.
+        self._weight_table = np.array([template, prompt_loss_weight, completion_weight, 0.0], dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"PLWCollator(prompt_loss_weight={self.prompt_loss_weight}, template_weight={self.template_weight}, "
+            f"completion_weight={self.completion_weight})"
+        )
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+        """Collate ``rows`` (a list of row dicts, or one dict of columns as ``dataset[i:j]`` gives)."""
+        cols = _columns(rows, self.return_example_ids)
+        n_rows = len(cols["input_ids"])
+        if n_rows == 0:
+            raise ValueError("PLWCollator got an empty batch")
+        row_len = _lengths(cols["input_ids"])
+        if (row_len == 0).any():
+            raise ValueError(f"row {int(np.argmin(row_len))}: field 'input_ids' is empty")
+        for field in _MASKS:
+            _check_lengths(cols, field, row_len)
+
+        ids = _concat(cols["input_ids"], np.int64, "input_ids")
+        category = _category(cols, row_len)
+        seq, n_ex = _segments(cols, row_len)
+
+        width = int(row_len.max())
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad = width - row_len
+
+        # Segments over the flattened [B*L] grid: each row's examples, then its padding (if any).
+        pad_slot = np.cumsum(n_ex) + np.arange(n_rows)
+        is_pad = np.zeros(len(seq) + n_rows, dtype=bool)
+        is_pad[pad_slot] = True
+        seg = np.empty(len(is_pad), dtype=np.int64)
+        seg[pad_slot] = pad
+        seg[~is_pad] = seq
+        if (pad == 0).any():
+            keep = seg > 0
+            seg, is_pad = seg[keep], is_pad[keep]
+        seg_start = np.cumsum(seg) - seg
+        total = n_rows * width
+
+        position = np.arange(total, dtype=np.int64) - np.repeat(seg_start, seg)
+        grid_ids = _grid(ids, row_len, width, self.pad_token_id)
+        grid_cat = _grid(category, row_len, width, 3)  # 3: internal pad code, weight 0
+        weights = self._weight_table[grid_cat]
+        weights.reshape(-1)[seg_start] = 0.0
+        labels = np.where(weights > 0, grid_ids, IGNORE_INDEX)
+        real = np.arange(width) < row_len[:, None]
+
+        batch: dict[str, Any] = {
+            "input_ids": torch.from_numpy(grid_ids),
+            "position_ids": torch.from_numpy(position.reshape(n_rows, width)),
+            "labels": torch.from_numpy(labels),
+            "loss_weights": torch.from_numpy(weights),
+        }
+        if self.return_attention_mask and (pad > 0).any():
+            batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
+        if self.emit_cu_seqlens:
+            cu = np.concatenate(([0], np.cumsum(seg))).astype(np.int32)
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.from_numpy(cu)
+            batch["max_length_q"] = batch["max_length_k"] = int(seg.max())
+        if self.return_example_ids:
+            grid_cat[~real] = PAD
+            batch["category"] = torch.from_numpy(grid_cat)
+            _check_lengths(cols, "example_index", n_ex)
+            example = _concat(cols["example_index"], np.int64, "example_index")
+            batch["example_id"] = torch.from_numpy(_grid(np.repeat(example, seq), row_len, width, -1))
+        return batch
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments to give a transformers causal LM for ``batch``: no attention_mask, no cache."""
+    kwargs = {key: batch[key] for key in _MODEL_KEYS if key in batch}
+    kwargs["use_cache"] = False
+    return kwargs
+
+
+def _grid(flat: np.ndarray, row_len: np.ndarray, width: int, fill: int) -> np.ndarray:
+    """[B, width] array of the concatenated rows ``flat``, right-padded with ``fill``."""
+    if (row_len == width).all():
+        return flat.reshape(len(row_len), width)
+    out = np.full((len(row_len), width), fill, dtype=flat.dtype)
+    start = 0
+    for r, n in enumerate(row_len.tolist()):  # one slice copy per row, not per token
+        out[r, :n] = flat[start : start + n]
+        start += n
+    return out
+
+
+def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], with_examples: bool) -> dict[str, list]:
+    """Column-wise view of the batch; a missing field is an error naming the row and field."""
+    fields = ("input_ids", *_MASKS, "seq_lengths") + (("example_index",) if with_examples else ())
+    if isinstance(rows, Mapping):
+        missing = [f for f in fields if f not in rows]
+        if missing:
+            raise KeyError(f"batch has no field {missing[0]!r} (fields: {sorted(rows)})")
+        return {f: list(rows[f]) for f in fields}
+    cols: dict[str, list] = {}
+    for field in fields:
+        try:
+            cols[field] = [row[field] for row in rows]
+        except KeyError:
+            bad = next(i for i, row in enumerate(rows) if field not in row)
+            raise KeyError(f"row {bad}: missing field {field!r} (fields: {sorted(rows[bad])})") from None
+    return cols
+
+
+def _lengths(seqs: list) -> np.ndarray:
+    return np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+
+
+def _check_lengths(cols: dict[str, list], field: str, expected: np.ndarray) -> None:
+    got = _lengths(cols[field])
+    bad = np.flatnonzero(got != expected)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"row {i}: field {field!r} has {got[i]} entries, expected {expected[i]}")
+
+
+def _concat(seqs: list, dtype: type, field: str) -> np.ndarray:
+    """Concatenate per-row sequences (lists, numpy arrays, tensors) into one flat array of ``dtype``.
+
+    Lists (what ``datasets`` returns) take C-level paths: ``bytes()`` for 0/1 masks, ``np.fromiter``
+    for ids; that is what keeps collation above 10M tokens/s.
+    """
+    if all(isinstance(s, list) for s in seqs):
+        if dtype is np.uint8:
+            try:
+                return np.frombuffer(b"".join(map(bytes, seqs)), dtype=np.uint8)
+            except (ValueError, TypeError):
+                pass  # out-of-range values: fall through to the checked path below
+        else:
+            try:
+                count = sum(map(len, seqs))
+                return np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=count)
+            except (ValueError, TypeError, OverflowError):
+                pass
+    parts = [np.asarray(s) for s in seqs]
+    for i, part in enumerate(parts):
+        if part.ndim != 1 or not (np.issubdtype(part.dtype, np.integer) or np.issubdtype(part.dtype, np.bool_)):
+            raise ValueError(f"row {i}: field {field!r} must be a 1-D sequence of integers, got {part.dtype} {part.shape}")
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    info = np.iinfo(dtype)
+    if len(flat) and (flat.min() < info.min or flat.max() > info.max):
+        i = int(np.argmax((flat < info.min) | (flat > info.max)))
+        row = int(np.searchsorted(np.cumsum([len(p) for p in parts]), i, side="right"))
+        raise ValueError(f"row {row}: field {field!r} has value {flat[i]} outside {np.dtype(dtype).name}")
+    return flat.astype(dtype, copy=False)
+
+
+def _category(cols: dict[str, list], row_len: np.ndarray) -> np.ndarray:
+    """Per-token category code (0 template, 1 prompt, 2 completion); exactly one mask must be set."""
+    template, prompt, completion = (_concat(cols[f], np.uint8, f) for f in _MASKS)
+    count = template.astype(np.int16) + prompt + completion
+    bad = np.flatnonzero(count != 1)
+    if len(bad):
+        i = int(bad[0])
+        row = int(np.searchsorted(np.cumsum(row_len), i, side="right"))
+        token = i - int(row_len[:row].sum())
+        values = {f: int(m[i]) for f, m in zip(_MASKS, (template, prompt, completion))}
+        raise ValueError(
+            f"row {row}, token {token}: fields prompt_mask/completion_mask/template_mask must have exactly "
+            f"one 1 per token, got {values}"
+        )
+    return (prompt + 2 * completion).astype(np.int8)
+
+
+def _segments(cols: dict[str, list], row_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat example lengths and examples per row; lengths must be positive and sum to the row length."""
+    n_ex = _lengths(cols["seq_lengths"])
+    seq = _concat(cols["seq_lengths"], np.int64, "seq_lengths")
+    if (n_ex == 0).any():
+        raise ValueError(f"row {int(np.argmin(n_ex))}: field 'seq_lengths' is empty")
+    if (seq <= 0).any():
+        i = int(np.argmax(seq <= 0))
+        row = int(np.searchsorted(np.cumsum(n_ex), i, side="right"))
+        raise ValueError(f"row {row}: field 'seq_lengths' has a non-positive length {seq[i]}")
+    sums = np.add.reduceat(seq, np.cumsum(n_ex) - n_ex)
+    bad = np.flatnonzero(sums != row_len)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"row {i}: field 'seq_lengths' sums to {sums[i]}, but 'input_ids' has {row_len[i]} tokens")
+    return seq, n_ex
