@@ -35,12 +35,12 @@ def prepare(
     end_of_turn: o.EndOfTurn = None,
     max_length: o.MaxLength = None,
     truncation: o.Truncation = None,
-    pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Global sample packing  [default: pack]")] = None,
-    eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="Seeded eval split  [default: 0]")] = None,
+    pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Global sample packing  \\[default: pack]")] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="Seeded eval split  \\[default: 0]")] = None,
     eval_input: Annotated[Optional[list[str]], typer.Option("--eval-input", help="Eval split from these files.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    num_proc: Annotated[Optional[int], typer.Option("--num-proc", help="Encoding processes  [default: 1]")] = None,
-    on_error: Annotated[Optional[str], typer.Option("--on-error", help="Bad rows: skip (recorded) | fail  [default: skip]")] = None,
+    num_proc: Annotated[Optional[int], typer.Option("--num-proc", help="Encoding processes  \\[default: 1]")] = None,
+    on_error: Annotated[Optional[str], typer.Option("--on-error", help="Bad rows: skip (recorded) | fail  \\[default: skip]")] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Split the job over K machines...")] = None,
     shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="...this one prepares slice i.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")] = False,
@@ -75,6 +75,20 @@ def inspect(
     from plw_data.inspect import render_row
 
     Console().print(render_row(directory, split, index, show_ids=ids, tokenizer=tokenizer))
+
+
+@app.command()
+@o.handle_errors
+def verify(
+    directory: Annotated[Path, typer.Argument(help="A prepared directory.")],
+    tokenizer: o.Tokenizer = None,
+) -> None:
+    """Check a prepared directory: manifest, checksums, schema, masks, totals, row coverage, tokenizer."""
+    from plw_data.verify import verify as run
+
+    for line in run(directory, tokenizer=tokenizer):
+        typer.echo(f"  {line}")
+    typer.echo(f"OK: {directory}")
 
 
 app.command("rg-stats")(rg_stats)

@@ -21,23 +21,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="YAML recipe: any option as a key; flags override it.")]
 Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="Tokenizer folder, hub name, or .gguf file.")]
 Format = Annotated[
-    Optional[str], typer.Option("--format", help="prompt-completion | alpaca | messages | sharegpt  [default: prompt-completion]")
+    Optional[str], typer.Option("--format", help="prompt-completion | alpaca | messages | sharegpt  \\[default: prompt-completion]")
 ]
 PromptTemplate = Annotated[Optional[str], typer.Option("--prompt-template", help='str.format template over row fields, e.g. "{question}".')]
 CompletionTemplate = Annotated[Optional[str], typer.Option("--completion-template", help='e.g. "{answer}".')]
 SystemPrompt = Annotated[Optional[str], typer.Option("--system-prompt", help="System message added to every example.")]
 ChatTemplate = Annotated[
     Optional[bool],
-    typer.Option("--chat-template/--no-chat-template", help="Render with the tokenizer's chat template  [default: when it has one]"),
+    typer.Option("--chat-template/--no-chat-template", help="Render with the tokenizer's chat template  \\[default: when it has one]"),
 ]
-TrainOn = Annotated[Optional[str], typer.Option("--train-on", help="Assistant turns that are completion: all | last  [default: all]")]
+TrainOn = Annotated[Optional[str], typer.Option("--train-on", help="Assistant turns that are completion: all | last  \\[default: all]")]
 EndOfTurn = Annotated[
     Optional[str],
-    typer.Option("--end-of-turn", help="What closes a trained turn: eot | eot+separator | none  [default: eot]"),
+    typer.Option("--end-of-turn", help="What closes a trained turn: eot | eot+separator | none  \\[default: eot]"),
 ]
-MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Tokens per row  [default: 2048]")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Tokens per row  \\[default: 2048]")]
 Truncation = Annotated[
-    Optional[str], typer.Option("--truncation", help="Over-long examples: left | right (cut prompt tokens) | drop  [default: left]")
+    Optional[str], typer.Option("--truncation", help="Over-long examples: left | right (cut prompt tokens) | drop  \\[default: left]")
 ]
 
 

@@ -68,8 +68,6 @@ class DataConfig:
             raise ConfigError("--num-proc and --batch-size must be >= 1")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
-        if self.format == "prompt-completion" and not self.prompt_template and not self.completion_template:
-            pass  # defaults to the row's "prompt"/"completion" fields
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The options that change the prepared bytes (num_proc and batching do not)."""

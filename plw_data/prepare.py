@@ -204,7 +204,8 @@ def prepare(
             log(f"{output}: already prepared with this config, tokenizer and inputs; nothing to do")
             return old
         raise ConfigError(f"{output}: holds data prepared with another config, tokenizer or inputs; use --overwrite")
-    if output.exists() and any(p.name != TMP_NAME for p in output.iterdir()) and not overwrite and not manifest_path.exists():
+    # A DIR holding TMP_NAME is a prepare killed before its manifest landed: rebuilt like an empty one.
+    if output.exists() and any(output.iterdir()) and not (overwrite or manifest_path.exists() or (output / TMP_NAME).is_dir()):
         raise ConfigError(f"{output}: exists, is not empty and is not a plw-data directory; use --overwrite")
     work = output / TMP_NAME
     shutil.rmtree(work, ignore_errors=True)
@@ -273,11 +274,12 @@ def prepare(
            "tokens_per_s": round(sum(e["tokens"] for e in split_entries.values()) / seconds, 1)}
     fsync_write(output / "run.json", (json.dumps(run, indent=2) + "\n").encode())
     fsync_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    work.rmdir()  # only now: until the manifest lands, TMP_NAME marks DIR as an interrupted prepare
     return manifest
 
 
 def _install(work: Path, output: Path) -> None:
-    """Move the finished splits into place; the caller writes the manifest after this."""
+    """Move the finished splits into place; the caller writes the manifest, then removes `work`."""
     stale = output / "manifest.json"
     if stale.exists():
         stale.unlink()  # from here on the DIR is incomplete until the new manifest lands
@@ -289,4 +291,3 @@ def _install(work: Path, output: Path) -> None:
             target.unlink()
     for item in work.iterdir():
         os.replace(item, output / item.name)
-    work.rmdir()

@@ -1,0 +1,363 @@
+"""`plw-data verify`: check a prepared directory against the contract and name the first problem.
+
+A DIR can be damaged after `prepare` wrote it (a copy cut short, a flipped bit, a hand edit), and
+training on it would fail late or, worse, silently train on the wrong tokens. Every check below is
+one that training relies on. Shards are streamed batch by batch and checked with vectorised numpy,
+so a DIR larger than memory verifies in one pass per shard after its checksum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import ConfigError, PLWError
+from .shards import COLUMNS, SCHEMA, sha256_file
+
+FORMAT_VERSION = 1
+MASKS = ("prompt_mask", "completion_mask", "template_mask")
+TOTALS = ("rows", "examples", "tokens", "prompt_tokens", "completion_tokens", "template_tokens")
+# Keys CONTRACT §2 promises, per level of the manifest.
+TOP_KEYS = ("format_version", "created_by", "config", "tokenizer", "inputs", "counts", "splits")
+TOKENIZER_KEYS = ("name_or_path", "sha256", "vocab_size", "chat_template_sha256")
+INPUT_KEYS = ("path", "sha256", "rows")
+COUNT_KEYS = ("input_rows", "kept", "dropped")
+SPLIT_KEYS = (*TOTALS, "max_length", "packed", "fill", "lower_bound_rows", "shards")
+SHARD_KEYS = ("file", "rows", "bytes", "sha256")
+INT_KEYS = {"vocab_size", "input_rows", "kept", "max_length", "lower_bound_rows", "bytes", *TOTALS}
+
+
+def verify(directory: Path, *, tokenizer: str | None = None) -> list[str]:
+    """Checks passed, one line each; raises PLWError naming the first problem (file, row, column).
+
+    The tokenizer is checked when `tokenizer` is given, or when the manifest's one is a local path."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"{d}: no such directory")
+    m = load_manifest(d)
+    done = [f"manifest: format_version {m['format_version']}, splits {', '.join(m['splits'])}, counts add up"]
+    dropped = read_dropped(d, m)
+    done.append(f"dropped.jsonl: {len(dropped):,} rows, reasons match the manifest")
+    for name, split in m["splits"].items():
+        check_files(d / name, split)
+    n_shards = sum(len(s["shards"]) for s in m["splits"].values())
+    done.append(f"files: {n_shards} shard(s) with the manifest's bytes and sha256; state.json lists them")
+    indices = []
+    for name, split in m["splits"].items():
+        indices.append((name, check_split(d / name, split, m["tokenizer"]["vocab_size"])))
+        done.append(
+            f"{name}: {split['rows']:,} rows, {split['examples']:,} examples, {split['tokens']:,} tokens: "
+            "schema, one mask per token, seq_lengths, max_length, token ids and totals"
+        )
+    indices.append(("dropped.jsonl", dropped))
+    done.append(check_coverage(d, m, indices))
+    done.append(check_tokenizer(d, m, tokenizer))  # last: loading a tokenizer is the slowest step
+    return done
+
+
+# -- manifest ----------------------------------------------------------------------------------
+
+
+def _require(obj: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(obj, dict):
+        raise PLWError(f"{where}: expected an object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise PLWError(f"{where}: missing key(s) {', '.join(missing)}")
+    for k in keys:
+        if k in INT_KEYS and (not isinstance(obj[k], int) or isinstance(obj[k], bool) or obj[k] < 0):
+            raise PLWError(f"{where}: {k} must be a non-negative integer, got {obj[k]!r}")
+
+
+def load_manifest(d: Path) -> dict[str, Any]:
+    """The manifest, with every contract key present and its counts consistent with themselves."""
+    path = d / "manifest.json"
+    if not path.is_file():
+        raise PLWError(f"{path}: missing: not a prepared directory, or prepare did not finish")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PLWError(f"{path}: not valid JSON: {e}") from None
+    _require(m, TOP_KEYS, str(path))
+    if m["format_version"] != FORMAT_VERSION:
+        raise PLWError(f"{path}: format_version {m['format_version']!r} is not {FORMAT_VERSION}")
+    _require(m["config"], (), f"{path}: config")
+    _require(m["tokenizer"], TOKENIZER_KEYS, f"{path}: tokenizer")
+    if not isinstance(m["inputs"], list) or not m["inputs"]:
+        raise PLWError(f"{path}: inputs must be a non-empty list")
+    for k, item in enumerate(m["inputs"]):
+        _require(item, INPUT_KEYS, f"{path}: inputs[{k}]")
+    c = m["counts"]
+    _require(c, COUNT_KEYS, f"{path}: counts")
+    _require(c["dropped"], (), f"{path}: counts.dropped")
+    if not all(isinstance(v, int) and v >= 0 for v in c["dropped"].values()):
+        raise PLWError(f"{path}: counts.dropped values must be non-negative integers")
+    _require(m["splits"], ("train",), f"{path}: splits")
+    for name, s in m["splits"].items():
+        _check_split_entry(path, name, s, m["config"])
+    if c["input_rows"] != c["kept"] + sum(c["dropped"].values()):
+        raise PLWError(
+            f"{path}: counts.input_rows {c['input_rows']} != kept {c['kept']} + dropped {sum(c['dropped'].values())}"
+        )
+    examples = sum(s["examples"] for s in m["splits"].values())
+    if c["kept"] != examples:
+        raise PLWError(f"{path}: counts.kept {c['kept']} != examples over all splits {examples}")
+    return m
+
+
+def _check_split_entry(path: Path, name: str, s: Any, config: dict[str, Any]) -> None:
+    where = f"{path}: splits.{name}"
+    _require(s, SPLIT_KEYS, where)
+    if not isinstance(s["shards"], list) or not s["shards"]:
+        raise PLWError(f"{where}.shards must be a non-empty list")
+    for k, sh in enumerate(s["shards"]):
+        _require(sh, SHARD_KEYS, f"{where}.shards[{k}]")
+        if not isinstance(sh["file"], str) or Path(sh["file"]).name != sh["file"] or sh["file"] in ("", ".", ".."):
+            raise PLWError(f"{where}.shards[{k}].file must be a plain file name, got {sh['file']!r}")
+    if s["max_length"] < 1:
+        raise PLWError(f"{where}.max_length must be at least 1, got {s['max_length']}")
+    checks = {
+        "tokens": (s["tokens"], s["prompt_tokens"] + s["completion_tokens"] + s["template_tokens"], "prompt + completion + template tokens"),
+        "rows": (s["rows"], sum(sh["rows"] for sh in s["shards"]), "the sum of its shards' rows"),
+        "lower_bound_rows": (s["lower_bound_rows"], -(-s["tokens"] // s["max_length"]), "ceil(tokens / max_length)"),
+        "max_length": (s["max_length"], config.get("max_length", s["max_length"]), "config.max_length"),
+        "packed": (s["packed"], config.get("pack", s["packed"]), "config.pack"),
+    }
+    for key, (got, want, what) in checks.items():
+        if got != want:
+            raise PLWError(f"{where}.{key} is {got!r}, but {what} is {want!r}")
+    fill = s["tokens"] / (s["rows"] * s["max_length"]) if s["rows"] else 0.0
+    if not isinstance(s["fill"], (int, float)) or not math.isclose(s["fill"], fill, rel_tol=1e-9, abs_tol=1e-12):
+        raise PLWError(f"{where}.fill is {s['fill']!r}, but tokens / (rows * max_length) is {fill!r}")
+
+
+def read_dropped(d: Path, m: dict[str, Any]) -> np.ndarray:
+    """Indices in dropped.jsonl; its reasons must count up to the manifest's counts.dropped."""
+    path = d / "dropped.jsonl"
+    if not path.is_file():
+        raise PLWError(f"{path}: missing")
+    indices: list[int] = []
+    reasons: Counter = Counter()
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise PLWError(f"{path}: line {n}: not valid JSON: {e}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or not isinstance(rec.get("reason"), str):
+                raise PLWError(f"{path}: line {n}: needs an integer 'index' and a string 'reason'")
+            indices.append(rec["index"])
+            reasons[rec["reason"]] += 1
+    claimed = m["counts"]["dropped"]
+    for reason in sorted(set(reasons) | set(claimed)):
+        if reasons.get(reason, 0) != claimed.get(reason, 0):
+            raise PLWError(
+                f"{path}: {reasons.get(reason, 0)} line(s) with reason {reason!r}, "
+                f"manifest counts.dropped says {claimed.get(reason, 0)}"
+            )
+    return np.asarray(indices, np.int64)
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+
+
+def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None) -> str:
+    """The tokenizer's fingerprint must equal the manifest's (all keys but its name or path)."""
+    from .tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    claimed = m["tokenizer"]
+    trust = bool(m["config"].get("trust_remote_code", False))
+    if spec is None:
+        local = str(claimed["name_or_path"])
+        if not Path(local).exists():  # a hub name: never go online just to verify
+            return f"tokenizer: not checked ({local} is not a local path; give --tokenizer)"
+        try:
+            tok = load_tokenizer(local, trust_remote_code=trust)
+        except PLWError as e:
+            return f"tokenizer: not checked ({e})"
+        spec = local
+    else:
+        tok = load_tokenizer(spec, trust_remote_code=trust)
+    actual = tokenizer_fingerprint(tok, spec)
+    for key, want in claimed.items():
+        if key != "name_or_path" and key in actual and actual[key] != want:
+            raise PLWError(f"{d / 'manifest.json'}: tokenizer.{key} is {want!r}, but {spec} gives {actual[key]!r}")
+    return f"tokenizer: {spec} matches the manifest's fingerprint (sha256 {claimed['sha256'][:12]}...)"
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def check_files(folder: Path, split: dict[str, Any]) -> None:
+    """Every listed shard has the listed size and sha256, and state.json lists exactly those shards."""
+    for sh in split["shards"]:
+        path = folder / sh["file"]
+        if not path.is_file():
+            raise PLWError(f"{path}: missing (listed in manifest.json)")
+        size = path.stat().st_size
+        if size != sh["bytes"]:
+            raise PLWError(f"{path}: {size} bytes, manifest says {sh['bytes']}")
+        digest = sha256_file(path)
+        if digest != sh["sha256"]:
+            raise PLWError(f"{path}: sha256 {digest} does not match the manifest's {sh['sha256']}")
+    state = folder / "state.json"
+    try:
+        listed = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PLWError(f"{state}: unreadable ({type(e).__name__}: {e}); datasets.load_from_disk needs it") from None
+    if listed != [sh["file"] for sh in split["shards"]]:
+        raise PLWError(f"{state}: lists {listed}, manifest.json lists {[sh['file'] for sh in split['shards']]}")
+    if not (folder / "dataset_info.json").is_file():
+        raise PLWError(f"{folder / 'dataset_info.json'}: missing; datasets.load_from_disk needs it")
+
+
+# -- rows --------------------------------------------------------------------------------------
+
+
+def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """One shard's record batches, memory-mapped, after checking its schema."""
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            reader = pa.ipc.open_stream(source)
+            names = reader.schema.names
+            if names != SCHEMA.names:
+                raise PLWError(f"{path}: columns {names}, expected {SCHEMA.names}")
+            for field in SCHEMA:
+                got = reader.schema.field(field.name).type
+                if got != field.type:
+                    raise PLWError(f"{path}: column {field.name}: type {got}, expected {field.type}")
+            yield from reader
+    except pa.ArrowException as e:
+        raise PLWError(f"{path}: not a readable Arrow IPC stream: {e}") from None
+
+
+def _row_of(offsets: np.ndarray, position: int) -> tuple[int, int]:
+    """(row, position within the row) of a flat value position."""
+    row = int(np.searchsorted(offsets, position, side="right")) - 1
+    return row, position - int(offsets[row])
+
+
+def check_batch(batch: pa.RecordBatch, where: str, row0: int, *, max_length: int, packed: bool,
+                vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row invariants of one record batch; returns (category totals [tokens, p, c, t], example_index)."""
+
+    def fail(row: int, column: str, what: str) -> PLWError:
+        return PLWError(f"{where}: row {row0 + row}, column {column}: {what}")
+
+    lengths, flat = {}, {}
+    for name in COLUMNS:
+        col = batch.column(name)
+        values = col.flatten()
+        offsets = col.offsets.to_numpy().astype(np.int64)
+        if col.null_count:
+            raise fail(int(np.argmax(col.is_null().to_numpy(zero_copy_only=False))), name, "null list")
+        if values.null_count:
+            r, k = _row_of(offsets - offsets[0], int(np.argmax(values.is_null().to_numpy(zero_copy_only=False))))
+            raise fail(r, name, f"value {k} is null")
+        lengths[name] = np.diff(offsets)
+        flat[name] = values.to_numpy(zero_copy_only=False)
+    n_tok, n_seq = lengths["input_ids"], lengths["seq_lengths"]
+    for name in (*MASKS, "example_index"):
+        ref = "seq_lengths" if name == "example_index" else "input_ids"
+        bad = np.flatnonzero(lengths[name] != lengths[ref])
+        if len(bad):
+            r = int(bad[0])
+            raise fail(r, name, f"{lengths[name][r]} values, {ref} has {lengths[ref][r]}")
+    for bad, column, what in (
+        (n_tok < 1, "input_ids", "empty row"),
+        (n_tok > max_length, "input_ids", f"longer than max_length {max_length}"),
+        (n_seq < 1, "seq_lengths", "no example"),
+        ((n_seq > 1) & (not packed), "seq_lengths", "several examples in an unpacked split"),
+    ):
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise fail(r, column, f"{what} ({n_tok[r]} tokens, {n_seq[r]} examples)")
+    seq = flat["seq_lengths"].astype(np.int64)
+    seq_off = np.concatenate(([0], np.cumsum(n_seq)))
+    if (seq < 1).any():
+        r, k = _row_of(seq_off, int(np.argmax(seq < 1)))
+        raise fail(r, "seq_lengths", f"entry {k} is {seq[seq_off[r] + k]}; every example has at least one token")
+    csum = np.concatenate(([0], np.cumsum(seq)))
+    sums = csum[seq_off[1:]] - csum[seq_off[:-1]]
+    bad = np.flatnonzero(sums != n_tok)
+    if len(bad):
+        r = int(bad[0])
+        raise fail(r, "seq_lengths", f"sums to {sums[r]}, but the row has {n_tok[r]} tokens")
+    tok_off = np.concatenate(([0], np.cumsum(n_tok)))
+    p, c, t = (flat[name].astype(np.int16) for name in MASKS)
+    bad = np.flatnonzero(p + c + t != 1)  # non-negative integers summing to 1: exactly one mask is 1
+    if len(bad):
+        pos = int(bad[0])
+        r, k = _row_of(tok_off, pos)
+        masks = ", ".join(f"{name}={v[pos]}" for name, v in zip(MASKS, (p, c, t)))
+        raise fail(r, "/".join(MASKS), f"token {k} has {masks}; exactly one must be 1")
+    ids = flat["input_ids"]
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if len(bad):
+        r, k = _row_of(tok_off, int(bad[0]))
+        raise fail(r, "input_ids", f"token {k} is id {ids[bad[0]]}, outside the vocabulary [0, {vocab_size})")
+    totals = np.array([len(ids), p.sum(), c.sum(), t.sum()], np.int64)
+    return totals, flat["example_index"].astype(np.int64)
+
+
+def check_split(folder: Path, split: dict[str, Any], vocab_size: int) -> np.ndarray:
+    """Stream a split's shards through check_batch; totals must equal the manifest. Returns its example_index."""
+    totals = np.zeros(4, np.int64)
+    rows = 0
+    indices: list[np.ndarray] = []
+    for sh in split["shards"]:
+        path = folder / sh["file"]
+        shard_rows = 0
+        for batch in _batches(path):
+            t, idx = check_batch(batch, str(path), shard_rows, max_length=split["max_length"], packed=split["packed"],
+                                 vocab_size=vocab_size)
+            totals += t
+            indices.append(idx)
+            shard_rows += batch.num_rows
+        if shard_rows != sh["rows"]:
+            raise PLWError(f"{path}: {shard_rows} rows, manifest says {sh['rows']}")
+        rows += shard_rows
+    example_index = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    actual = dict(zip(TOTALS, [rows, len(example_index), *totals.tolist()]))
+    for key in TOTALS:
+        if actual[key] != split[key]:
+            raise PLWError(f"{folder}: {key} is {actual[key]}, manifest says {split[key]}")
+    return example_index
+
+
+# -- coverage ----------------------------------------------------------------------------------
+
+
+def check_coverage(d: Path, m: dict[str, Any], sources: list[tuple[str, np.ndarray]]) -> str:
+    """example_index over all splits plus dropped.jsonl must be exactly this job's input rows, once each."""
+    total = sum(i["rows"] for i in m["inputs"])
+    k_shards = int(m["config"].get("num_shards", 1))
+    k = int(m["config"].get("shard_index", 0))
+    expected = np.arange(k, total, k_shards, dtype=np.int64)
+    if len(expected) != m["counts"]["input_rows"]:
+        raise PLWError(
+            f"{d / 'manifest.json'}: counts.input_rows {m['counts']['input_rows']}, but inputs hold "
+            f"{len(expected)} rows for this job"
+        )
+    for name, idx in sources:
+        bad = np.flatnonzero((idx < 0) | (idx >= total) | (idx % k_shards != k))
+        if len(bad):
+            raise PLWError(f"{d / name}: index {idx[bad[0]]} is not one of this job's input rows (0..{total - 1})")
+    found = np.sort(np.concatenate([idx for _, idx in sources]))
+    n = min(len(found), len(expected))
+    diff = np.flatnonzero(found[:n] != expected[:n])
+    if len(diff) or len(found) != len(expected):
+        i = int(diff[0]) if len(diff) else n
+        if i < len(found) and (i >= len(expected) or found[i] < expected[i]):
+            dup = int(found[i])
+            where = ", ".join(name for name, idx in sources if (idx == dup).any())
+            raise PLWError(f"{d}: input row {dup} appears more than once (in {where})")
+        raise PLWError(f"{d}: input row {int(expected[i])} is in no split and not in dropped.jsonl")
+    return f"coverage: example_index over all splits plus dropped.jsonl is each of the {len(expected):,} input rows once"
