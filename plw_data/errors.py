@@ -20,6 +20,11 @@ class RowError(PLWError):
         self.detail = detail
         self.field = field
 
+    def __reduce__(self):
+        # Workers of `prepare --num-proc N` send RowErrors to the parent; the default exception
+        # pickling replays only args=(detail,) and would fail to rebuild, hanging the pool.
+        return (type(self), (self.reason, self.detail), {"field": self.field})
+
     def located(self, file: str, row: int) -> str:
         where = f"{file}: row {row}"
         if self.field:

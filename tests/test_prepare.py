@@ -81,6 +81,18 @@ def test_broken_rows_are_dropped_with_reasons_and_counts_add_up(tmp_path: Path) 
         assert (masks.sum(0) == 1).all()
 
 
+@pytest.mark.timeout(120)
+def test_dropped_rows_cross_worker_processes(tmp_path: Path) -> None:
+    """Workers send RowErrors to the parent: --num-proc 2 must record the same drops, not hang."""
+    src = tmp_path / "broken.jsonl"
+    expected = write_broken(src)
+    m = prepare([str(src)], race_cfg(batch_size=2, num_proc=2), tmp_path / "out", progress=False)
+    dropped = [json.loads(line) for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert {d["index"]: d["reason"] for d in dropped} == expected
+    assert all(d["file"] == str(src) and d["row"] == d["index"] for d in dropped)
+    assert m["counts"]["kept"] == 13 - len(expected)
+
+
 def test_on_error_fail_names_file_row_and_field(tmp_path: Path) -> None:
     src = tmp_path / "broken.jsonl"
     write_broken(src)
