@@ -158,7 +158,9 @@ class Encoder:
         self.cfg = cfg
         self.chat = has_template if cfg.chat_template is None else cfg.chat_template
         self.backend = tok.backend_tokenizer
-        self.special = np.array(sorted(special_ids(tok)), np.int64)
+        special = np.array(sorted(special_ids(tok)), np.int64)
+        self.is_special = np.zeros(max(len(tok), int(special.max(initial=0)) + 1), bool)  # id -> bool lookup
+        self.is_special[special] = True
         self._skeletons: dict[tuple[str, ...], _Skeleton] = {}
         if not self.chat:
             if tok.eos_token_id is None:
@@ -229,7 +231,7 @@ class Encoder:
             if not trained or self.cfg.end_of_turn == "none":
                 continue
             limit = ranges[k + 1][1][0] if k + 1 < len(ranges) else len(ids)
-            is_special = np.isin(ids[last + 1 : limit], self.special)
+            is_special = self.is_special[ids[last + 1 : limit]]
             if is_special.any():
                 eot = last + 1 + int(is_special.argmax())
                 start = last + 1 if self.cfg.end_of_turn == "eot+separator" else eot

@@ -678,7 +678,13 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad or not self.cfg.lora]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if self.is_main:
-                self.model.save_pretrained(str(tmp))
+                if self.cfg.lora:
+                    # peft's "auto" probes the base model's config.json (absent for .gguf) only to decide
+                    # whether embeddings changed; they change only when a target module names them.
+                    embeds = any("embed" in m for m in self.cfg.lora_target_modules)
+                    self.model.save_pretrained(str(tmp), save_embedding_layers="auto" if embeds else False)
+                else:
+                    self.model.save_pretrained(str(tmp))
                 tok = load_tokenizer(self.cfg)
                 if tok is not None:
                     tok.save_pretrained(str(tmp))
