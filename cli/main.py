@@ -91,6 +91,22 @@ def verify(
     typer.echo(f"OK: {directory}")
 
 
+@app.command()
+@o.handle_errors
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="The K outputs of prepare --num-shards K --shard-index 0..K-1.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Merged directory.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUTPUT.")] = False,
+) -> None:
+    """Combine the slice outputs of a multi-machine prepare into one directory with one manifest."""
+    from plw_data.merge import merge as run
+
+    m = run(parts, output, overwrite=overwrite)
+    extra = ", ".join(f"{n} {r:+d} rows" for n, r in m["merge"]["extra_rows"].items())
+    typer.echo(f"merged {len(parts)} slices into {output}: {m['counts']['kept']:,} examples; "
+               f"per-slice packing vs the global bound: {extra}")
+
+
 app.command("rg-stats")(rg_stats)
 
 
