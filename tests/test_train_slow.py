@@ -128,3 +128,45 @@ def test_smollm2_gguf_smoke_lora(tmp_path, monkeypatch):
         suffix = name.split("base_model.model.")[-1]
         match = [p for n, p in loaded.items() if n.replace(".default", "").endswith(suffix)]
         assert len(match) == 1 and torch.equal(match[0].detach().to(tensor.dtype), tensor), name
+
+
+def _kill_when(cmd: list[str], metrics: Path, step: int) -> None:
+    """Start cmd and SIGKILL it once metrics.jsonl holds a train event of `step` (no clean shutdown)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(json.loads(x).get("step") == step and "train_loss" in x for x in lines if x.strip()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"run ended on its own ({proc.returncode}): {proc.stderr.read()[-2000:]}"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, data_dir):
+    """A run SIGKILLed between checkpoints resumes from last/ to the same losses and weights; killed
+    before its first checkpoint, --resume says so."""
+    from test_train import run_train
+
+    opts = dict(max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2, eval_steps=2, lora_dropout=0.2)
+    full = run_train(tiny_model, data_dir, tmp_path / "full", **opts)
+    out = tmp_path / "cut"
+    cmd = lambda out: [sys.executable, "-m", "plw_data.cli.train", "--model", str(tiny_model), "--data", str(data_dir),
+           "--output", str(out), "--dtype", "fp32", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--no-progress",
+           "--max-steps", "6", "--micro-batch-size", "2", "--gradient-accumulation-steps", "2", "--eval-steps", "2",
+           "--lora-dropout", "0.2"]  # fmt: skip
+    _kill_when(cmd(out), out / "metrics.jsonl", step=3)  # last/ holds step 2; step 3 is lost
+    resumed = run_train(tiny_model, data_dir, out, resume=True, **opts)
+    assert len(train_losses(full)) == 6 and [e["step"] for e in resumed if "train_loss" in e] == [1, 2, 3, 4, 5, 6]
+    assert train_losses(resumed) == pytest.approx(train_losses(full), rel=1e-6)
+    assert_same_weights(saved_weights(out / "last"), saved_weights(tmp_path / "full" / "last"))
+
+    early = tmp_path / "early"
+    _kill_when(cmd(early), early / "metrics.jsonl", step=1)
+    proc = subprocess.run([*cmd(early), "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "checkpoint" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
