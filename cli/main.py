@@ -43,6 +43,11 @@ def prepare(
     on_error: Annotated[Optional[str], typer.Option("--on-error", help="Bad rows: skip (recorded) | fail  \\[default: skip]")] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Split the job over K machines...")] = None,
     shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="...this one prepares slice i.")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split of a hub dataset  \\[default: train]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rows per tokenizer call  \\[default: 1000]")] = None,
+    shard_tokens: Annotated[Optional[int], typer.Option("--shard-tokens", help="Tokens per Arrow shard  \\[default: 50M]")] = None,
+    options_labels: Annotated[Optional[str], typer.Option("--options-labels", help="Letters for list fields  \\[default: A-Z]")] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow a tokenizer's own code (off by default).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
