@@ -27,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-ORDER = ["prepare", "pack", "collate", "loss", "train", "memory"]
+ORDER = ["prepare", "pack", "collate", "loss", "train", "layout", "memory"]
 RACE_ROWS = 87_866
 
 # Arguments per benchmark: full (~15 min in all on 2 cores) and quick (a smoke check of a minute or two).
@@ -35,8 +35,9 @@ FULL: dict[str, list[str]] = {
     "prepare": ["--rows", "5000", "--repeats", "3", "--trl-repeats", "1"],
     "pack": ["--repeats", "3"],
     "collate": [],
-    "loss": ["--vocab", "49152", "128256"],
+    "loss": ["--vocab", "32000", "128256", "151936"],
     "train": ["--dtype", "fp32", "--steps", "3"],  # bf16 is emulated on CPUs without it: ~15x slower
+    "layout": ["--examples", "128"],
     "memory": ["--copies", "1", "10"],
 }
 QUICK: dict[str, list[str]] = {
@@ -45,6 +46,7 @@ QUICK: dict[str, list[str]] = {
     "collate": ["--batches", "4", "--repeats", "1"],
     "loss": ["--vocab", "32000", "128256", "--tokens", "512", "--repeats", "1"],
     "train": ["--dtype", "fp32", "--steps", "2", "--micro-batch-size", "1", "--max-length", "128"],
+    "layout": ["--examples", "64", "--models", "tiny"],
     "memory": ["--copies", "1"],
 }
 PACK_BOUNDS = {  # max rows / lower bound (or extra rows) of plw_data at max_length 2048, as tests/test_pack.py has them
@@ -252,6 +254,19 @@ def table_generic(d: Any) -> str:
     return "```json\n" + json.dumps(d, indent=1)[:4000] + "\n```"
 
 
+def table_layout(d: dict) -> str:
+    m = d["meta"]
+    rows = [
+        [r["model"], layout, _n(r[layout]["rows"]), str(r[layout]["micro_batch_size"]), _n(r[layout]["real_tokens"]),
+         _n(r[layout]["epoch_seconds"], 1), _n(r[layout]["real_tokens_per_s"], 0), f"{r['speedup']:.2f}x" if layout == "packed" else ""]
+        for r in d["results"] for layout in ("packed", "padded")
+    ]  # fmt: skip
+    head = f"One epoch over the first {m['examples']} Alpaca examples, max length {m['max_length']}, {m['dtype']}, LoRA, 1 rank."
+    return head + "\n\n" + _table(
+        ["model", "layout", "rows", "micro batch", "real tokens", "epoch s", "real tokens/s", "packed / padded"], rows
+    )
+
+
 def table_memory(d: dict) -> str:
     m = d["meta"]
     rows = [
@@ -269,7 +284,7 @@ def table_memory(d: dict) -> str:
 
 TABLES: dict[str, Callable[[dict], str]] = {
     "prepare": table_prepare, "pack": table_pack, "collate": table_collate, "loss": table_loss, "train": table_train,
-    "memory": table_memory,
+    "memory": table_memory, "layout": table_layout,
 }  # fmt: skip
 
 
