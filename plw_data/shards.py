@@ -102,15 +102,18 @@ def _list(offsets: np.ndarray, values: np.ndarray, t: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=t))
 
 
-def _record_batch(staged: StagedExamples, starts: np.ndarray, items: np.ndarray, row_starts: np.ndarray) -> pa.RecordBatch:
-    """Rows built from staged examples `items` (positions), split into rows by row_starts."""
+def _record_batch(
+    staged: StagedExamples, starts: np.ndarray, items: np.ndarray, row_starts: np.ndarray
+) -> tuple[pa.RecordBatch, np.ndarray]:
+    """Rows built from staged examples `items` (positions), split into rows by row_starts; with the
+    batch's token count per category (counted here so no pass ever gathers a whole split)."""
     lengths = staged.lengths[items]
     gather = _gather_index(starts[items], lengths)
     ids = np.asarray(staged.input_ids[gather])
     cats = np.asarray(staged.category[gather])
     item_ends = np.concatenate(([0], np.cumsum(lengths)))
     token_offsets = item_ends[row_starts]
-    return pa.RecordBatch.from_arrays(
+    batch = pa.RecordBatch.from_arrays(
         [
             _list(token_offsets, ids, pa.int32()),
             _list(token_offsets, (cats == PROMPT).view(np.uint8), pa.uint8()),
@@ -121,6 +124,7 @@ def _record_batch(staged: StagedExamples, starts: np.ndarray, items: np.ndarray,
         ],
         schema=SCHEMA,
     )
+    return batch, np.bincount(cats, minlength=3)
 
 
 def _features_json() -> tuple[dict[str, Any], dict[bytes, bytes]]:
@@ -149,7 +153,7 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
     bounds[-1] = plan.n_rows
     features, metadata = _features_json()
     schema = SCHEMA.with_metadata(metadata)
-    shards = []
+    shards, per_cat = [], np.zeros(3, np.int64)
     for k in range(n_shards):
         name = f"data-{k:05d}-of-{n_shards:05d}.arrow"
         tmp = folder / (name + ".tmp")
@@ -158,7 +162,9 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
             for b0 in range(r0, r1, ROWS_PER_BATCH):
                 b1 = min(b0 + ROWS_PER_BATCH, r1)
                 rs = plan.row_starts[b0 : b1 + 1]
-                writer.write_batch(_record_batch(staged, starts, items[rs[0] : rs[-1]], rs - rs[0]).cast(schema))
+                batch, counts = _record_batch(staged, starts, items[rs[0] : rs[-1]], rs - rs[0])
+                writer.write_batch(batch.cast(schema))
+                per_cat += counts
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, folder / name)
@@ -177,9 +183,6 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
     info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
     fsync_write(folder / "dataset_info.json", json.dumps(info, indent=2).encode())
     fsync_write(folder / "state.json", json.dumps(state, indent=2).encode())
-    cats = staged.category
-    sel = _gather_index(starts[members], staged.lengths[members]) if len(members) else np.zeros(0, np.int64)
-    per_cat = np.bincount(np.asarray(cats[sel]), minlength=3) if len(sel) else np.zeros(3, np.int64)
     tokens = int(cum[-1])
     rows = plan.n_rows
     return {
