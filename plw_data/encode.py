@@ -147,6 +147,16 @@ def _token_range(enc: Any, start: int, end: int) -> tuple[int, int] | None:
     return first, last
 
 
+@dataclass
+class _Job:
+    """One chunk between render and finish: what the tokenizer call needs, and what finish needs after."""
+
+    convs: list  # (index, file, row, Conversation) of the rows still alive
+    dropped: list[tuple[int, str, int, RowError]]
+    rendered: list  # chat: (text, spans) or RowError per conv; plain: unused
+    texts: list[str]  # what goes to the tokenizer
+
+
 class Encoder:
     """Encodes conversations for one tokenizer and config; stateless across batches except caches."""
 
@@ -170,11 +180,32 @@ class Encoder:
 
     def encode(self, items: list[tuple[int, str, int, Conversation | RowError]]) -> EncodedBatch:
         """items: (global index, file, row, conversation or the error that already drops it)."""
+        job = self.render(items)
+        return self.finish(job, self.tokenize(job))
+
+    def render(self, items: list[tuple[int, str, int, Conversation | RowError]]) -> _Job:
+        """The Python work before the tokenizer call: rendered texts (chat) or turn pieces (plain)."""
         dropped = [(i, f, r, c) for i, f, r, c in items if isinstance(c, RowError)]
         convs = [(i, f, r, c) for i, f, r, c in items if not isinstance(c, RowError)]
-        examples = self._encode_chat(convs) if self.chat else self._encode_plain(convs)
-        kept, truncated = [], 0
-        for (index, file, row, _), example in zip(convs, examples):
+        if not self.chat:
+            return _Job(convs, dropped, [], self._plain_pieces(convs))
+        rendered = []
+        for *_, conv in convs:
+            try:
+                rendered.append(self._render(conv))
+            except RowError as e:
+                rendered.append(e)
+        return _Job(convs, dropped, rendered, [r[0] for r in rendered if not isinstance(r, RowError)])
+
+    def tokenize(self, job: _Job) -> list[Any]:
+        """The Rust tokenizer call; it releases the GIL, so it can overlap Python work in a thread."""
+        return self.backend.encode_batch(job.texts, add_special_tokens=False)
+
+    def finish(self, job: _Job, encodings: list[Any]) -> EncodedBatch:
+        """Masks, truncation and drops from the tokenizer's output."""
+        examples = self._chat_masks(job, encodings) if self.chat else self._assemble_plain(job.convs, encodings)
+        dropped, kept, truncated = list(job.dropped), [], 0
+        for (index, file, row, _), example in zip(job.convs, examples):
             if isinstance(example, RowError):
                 dropped.append((index, file, row, example))
                 continue
@@ -206,19 +237,9 @@ class Encoder:
             raise RowError("template_error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         return text, skeleton.spans(text, [m["content"] for m in conv.messages])
 
-    def _encode_chat(self, convs: list) -> list[tuple[np.ndarray, np.ndarray] | RowError]:
-        rendered: list[tuple[str, list[tuple[int, int, int]]] | RowError] = []
-        for *_, conv in convs:
-            try:
-                rendered.append(self._render(conv))
-            except RowError as e:
-                rendered.append(e)
-        texts = [r[0] for r in rendered if not isinstance(r, RowError)]
-        encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False))
-        out: list[tuple[np.ndarray, np.ndarray] | RowError] = []
-        for (*_, conv), r in zip(convs, rendered):
-            out.append(r if isinstance(r, RowError) else self._masks(next(encodings), r[1], conv))
-        return out
+    def _chat_masks(self, job: _Job, encodings: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | RowError]:
+        it = iter(encodings)
+        return [r if isinstance(r, RowError) else self._masks(next(it), r[1], conv) for (*_, conv), r in zip(job.convs, job.rendered)]
 
     def _masks(self, enc: Any, spans: list[tuple[int, int, int]], conv: Conversation) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(enc.ids, dtype=np.int32)
@@ -240,13 +261,16 @@ class Encoder:
 
     # -- plain text (no chat template) ----------------------------------------------------------
 
-    def _encode_plain(self, convs: list) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Turns tokenized separately and joined: prompt, separator, completion, EOS."""
+    def _plain_pieces(self, convs: list) -> list[str]:
+        """Turns are tokenized separately and joined: prompt, separator, completion, EOS."""
         pieces: list[str] = []
         for *_, conv in convs:
             for k, m in enumerate(conv.messages):
                 pieces.extend(([PLAIN_SEPARATOR] if k else []) + [m["content"]])
-        encoded = iter(e.ids for e in self.backend.encode_batch(pieces, add_special_tokens=False))
+        return pieces
+
+    def _assemble_plain(self, convs: list, encodings: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+        encoded = iter(e.ids for e in encodings)
         eos = self.tok.eos_token_id
         out = []
         for *_, conv in convs:

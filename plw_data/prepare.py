@@ -16,6 +16,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,28 @@ def _encode_chunk(chunk: list[RawRow]) -> EncodedBatch:
     return _encode_with(_WORKER, chunk)
 
 
+def _items(encoder: Encoder, chunk: list[RawRow]) -> list:
+    return [(r.index, r.file, r.row, convert(r, encoder.cfg)) for r in chunk]
+
+
 def _encode_with(encoder: Encoder, chunk: list[RawRow]) -> EncodedBatch:
-    return encoder.encode([(r.index, r.file, r.row, convert(r, encoder.cfg)) for r in chunk])
+    return encoder.encode(_items(encoder, chunk))
+
+
+def _pipelined(encoder: Encoder, chunks: Iterable[list[RawRow]]) -> Iterator[EncodedBatch]:
+    """One process, two stages at once: chunk k is tokenized in a thread (the Rust call releases the
+    GIL) while Python reads, converts and renders chunk k+1 and masks chunk k-1; output order is
+    input order, so results are identical to encoding chunk by chunk."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        pending = None
+        for chunk in chunks:
+            job = encoder.render(_items(encoder, chunk))
+            future = pool.submit(encoder.tokenize, job)
+            if pending is not None:
+                yield encoder.finish(pending[0], pending[1].result())
+            pending = (job, future)
+        if pending is not None:
+            yield encoder.finish(pending[0], pending[1].result())
 
 
 def _chunks(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
@@ -80,8 +101,7 @@ def encoded_batches(
         rows = (r for r in rows if r.index % cfg.num_shards == cfg.shard_index)
     chunks = _chunks(rows, cfg.batch_size)
     if cfg.num_proc == 1:
-        encoder = Encoder(tok, cfg)
-        yield from (_encode_with(encoder, c) for c in chunks)
+        yield from _pipelined(Encoder(tok, cfg), chunks)
         return
     ctx = mp.get_context("spawn")  # fork after the Rust tokenizer spun up threads can deadlock
     with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
