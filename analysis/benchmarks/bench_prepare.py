@@ -53,9 +53,6 @@ ALPACA = DATA / "alpaca" / "alpaca_data_first5000.json"
 RACE_ROWS = 87_866
 DATASETS = {"race": ("recipes/race.yaml", RACE), "alpaca": ("recipes/alpaca.yaml", ALPACA)}
 
-
-
-
 # --------------------------------------------------------------------------- inputs
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-ORDER = ["prepare", "pack", "collate", "loss", "train", "layout", "memory"]
+ORDER = ["prepare", "pack", "collate", "loss", "train", "layout", "memory", "merge"]
 RACE_ROWS = 87_866
 
 # Arguments per benchmark: full (~15 min in all on 2 cores) and quick (a smoke check of a minute or two).
@@ -39,6 +39,7 @@ FULL: dict[str, list[str]] = {
     "train": ["--dtype", "fp32", "--steps", "3"],  # bf16 is emulated on CPUs without it: ~15x slower
     "layout": ["--examples", "128"],
     "memory": ["--copies", "1", "10"],
+    "merge": ["--slices", "4"],
 }
 QUICK: dict[str, list[str]] = {
     "prepare": ["--rows", "200", "--alpaca-rows", "200", "--repeats", "1", "--tokenizers", "smollm2-135m-instruct"],
@@ -48,6 +49,7 @@ QUICK: dict[str, list[str]] = {
     "train": ["--dtype", "fp32", "--steps", "2", "--micro-batch-size", "1", "--max-length", "128"],
     "layout": ["--examples", "64", "--models", "tiny"],
     "memory": ["--copies", "1"],
+    "merge": ["--slices", "2"],
 }
 PACK_BOUNDS = {  # max rows / lower bound (or extra rows) of plw_data at max_length 2048, as tests/test_pack.py has them
     "race_train": ("ratio", 1.02),
@@ -282,9 +284,24 @@ def table_memory(d: dict) -> str:
     )
 
 
+def table_merge(d: dict) -> str:
+    m = d["meta"]
+    rows = [
+        [str(r["slices"]), _n(r["examples"]), _n(r["tokens"]), _n(r["rows"]), _n(r["lower_bound_rows"]),
+         _n(r["extra_rows"]), f"{r['extra_rows'] / r['lower_bound_rows']:.5f}",
+         " / ".join(_n(s, 1) for s in r["slice_seconds"]), _n(r["merge_seconds"], 1)]
+        for r in d["results"]
+    ]  # fmt: skip
+    head = f"RACE train prepared in K slices (`--num-shards K`), then `plw-data merge`; {m['tokenizer']}, max length {m['max_length']}."
+    return head + "\n\n" + _table(
+        ["K", "examples", "tokens", "merged rows", "global lower bound", "extra rows", "extra / bound",
+         "seconds per slice", "merge seconds"], rows
+    )
+
+
 TABLES: dict[str, Callable[[dict], str]] = {
     "prepare": table_prepare, "pack": table_pack, "collate": table_collate, "loss": table_loss, "train": table_train,
-    "memory": table_memory, "layout": table_layout,
+    "memory": table_memory, "layout": table_layout, "merge": table_merge,
 }  # fmt: skip
 
 
