@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ COLUMNS = {
     "example_index": pa.int64(),
 }
 SCHEMA = pa.schema([(name, pa.list_(t)) for name, t in COLUMNS.items()])
-ROWS_PER_BATCH = 1024
+ROWS_PER_BATCH = 256  # rows per Arrow record batch; also bounds the staging pages one gather maps
 
 
 def sha256_file(path: Path) -> str:
@@ -89,6 +90,15 @@ class StagedExamples:
     @property
     def offsets(self) -> np.ndarray:
         return np.concatenate(([0], np.cumsum(self.lengths)))
+
+
+def _drop_pages(a: np.ndarray) -> None:
+    """Unmap the pages a memory-mapped array has touched (they stay in the page cache): without
+    this, writing a shuffled split touches every page of the staging files and the process's RSS
+    grows with the data."""
+    mm = getattr(a, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -165,6 +175,8 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
                 batch, counts = _record_batch(staged, starts, items[rs[0] : rs[-1]], rs - rs[0])
                 writer.write_batch(batch.cast(schema))
                 per_cat += counts
+                _drop_pages(staged.input_ids)
+                _drop_pages(staged.category)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, folder / name)
