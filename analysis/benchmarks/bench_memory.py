@@ -79,14 +79,22 @@ def measure(copies: int, tmp: Path, max_length: int) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--copies", type=int, nargs="+", default=[1, 10])
+def race_args(doc: str, flag: str, default: list[int], argv: list[str] | None) -> argparse.Namespace | None:
+    """Options of the benchmarks that run RACE train through the CLI; None (and why) without the data."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument(flag, type=int, nargs="+", default=default)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if not RACE.is_file() or not TOKENIZER.is_dir():
         print(f"skipped: {RACE} or {TOKENIZER} is absent", file=sys.stderr)
+        return None
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = race_args(__doc__, "--copies", [1, 10], argv)
+    if a is None:
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         results = [measure(n, Path(tmp), a.max_length) for n in a.copies]

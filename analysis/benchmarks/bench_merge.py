@@ -10,7 +10,6 @@ is the whole cost. Slices run one after another here (on K machines they run sid
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,10 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-RACE = REPO.parent / "shared" / "data" / "race" / "train.jsonl.gz"
-TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "smollm2-135m-instruct"
+from bench_memory import RACE, REPO, TOKENIZER, race_args  # this folder is on sys.path when run as a script
 
 
 def _plw_data(*args: str) -> float:
@@ -59,13 +55,8 @@ def measure(slices: int, max_length: int, tmp: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--slices", type=int, nargs="+", default=[4])
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--json", type=Path)
-    a = p.parse_args(argv)
-    if not RACE.is_file() or not TOKENIZER.is_dir():
-        print(f"skipped: {RACE} or {TOKENIZER} is absent", file=sys.stderr)
+    a = race_args(__doc__, "--slices", [4], argv)
+    if a is None:
         return 0
     results = []
     for k in a.slices:

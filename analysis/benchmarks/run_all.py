@@ -177,8 +177,10 @@ def _n(x: float, digits: int = 0) -> str:
 
 def table_prepare(d: dict) -> str:
     m = d["meta"]
+    sets = {c["dataset"] for c in d["results"]}
+    inputs = [f"RACE train first {m['race_rows']:,} rows"] * ("race" in sets) + [f"Alpaca first {m['alpaca_rows']:,}"] * ("alpaca" in sets)
     head = (
-        f"RACE train first {m['race_rows']:,} rows and Alpaca first {m['alpaca_rows']:,}; medians of {m['repeats']} "
+        f"{' and '.join(inputs)}; medians of {m['repeats']} "
         f"repeats (TRL: {m.get('trl_repeats') or '-'}), wall clock; CPU s = this process + children; "
         f"load average before {_load(m['load_average_before'])}, after {_load(m['load_average_after'])}."
     )
@@ -420,7 +422,7 @@ def report(results: Path, runs: dict[str, dict], info: dict, quick: bool) -> str
         f"# Benchmark results{' (quick smoke sizes, not representative)' if quick else ''}",
         "",
         f"- date: {info['date']}; git {info['git_commit']} (plus uncommitted work in progress)",
-        f"- machine: {info['nproc']} CPU cores ({info['cpu']}), {info['ram_gib']} GiB RAM; shared with other work",
+        f"- machine: {info['nproc']} CPU cores ({info['cpu']}), {info['ram_gib']} GiB RAM",
         f"- load average (1/5/15 min): {_load(info.get('load_start'))} at start, {_load(info.get('load_end'))} at end",
         f"- Python {info['python']}; " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- command: `python analysis/benchmarks/run_all.py{' --quick' if quick else ''}`"
@@ -448,7 +450,7 @@ def report(results: Path, runs: dict[str, dict], info: dict, quick: bool) -> str
             lines.append("")
         if name in data:
             try:
-                lines.append(TABLES.get(name, table_generic)(data[name]))
+                lines.append(TABLES.get(name, TABLES.get(name.split("_")[0], table_generic))(data[name]))
             except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
                 lines.append(f"(cannot format {name}.json: {type(e).__name__}: {e})\n\n" + table_generic(data[name]))
         else:
