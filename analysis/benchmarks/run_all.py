@@ -30,7 +30,7 @@ REPO = HERE.parents[1]
 ORDER = ["prepare", "pack", "collate", "loss", "train", "layout", "memory", "merge"]
 RACE_ROWS = 87_866
 
-# Arguments per benchmark: full (~15 min in all on 2 cores) and quick (a smoke check of a minute or two).
+# Arguments per benchmark: full (~25 min in all on 2 cores) and quick (a smoke check of a minute or two).
 FULL: dict[str, list[str]] = {
     "prepare": ["--rows", "5000", "--repeats", "3", "--trl-repeats", "1"],
     "pack": ["--repeats", "3"],
@@ -177,8 +177,8 @@ def _n(x: float, digits: int = 0) -> str:
 
 def table_prepare(d: dict) -> str:
     m = d["meta"]
-    sets = {c["dataset"] for c in d["results"]}
-    inputs = [f"RACE train first {m['race_rows']:,} rows"] * ("race" in sets) + [f"Alpaca first {m['alpaca_rows']:,}"] * ("alpaca" in sets)
+    names = {"race": f"RACE train first {m['race_rows']:,} rows", "alpaca": f"Alpaca first {m['alpaca_rows']:,}"}
+    inputs = [text for key, text in names.items() if any(c["dataset"] == key for c in d["results"])]
     head = (
         f"{' and '.join(inputs)}; medians of {m['repeats']} "
         f"repeats (TRL: {m.get('trl_repeats') or '-'}), wall clock; CPU s = this process + children; "
