@@ -92,7 +92,7 @@ def recipe_for(name: str) -> tuple[dict[str, Any], str]:
 
 
 def run(tokenizer: str, limit: int | None, num_proc: int) -> tuple[list[dict], list[tuple[str, Any]], list[dict]]:
-    from plw_data.cli.rg_stats import DatasetSpec, measure
+    from plw_data.rg.measure import DatasetSpec, measure
     from plw_data.config import DataConfig, build_config
     from plw_data.tokenizer import load_tokenizer
 
@@ -114,7 +114,7 @@ def run(tokenizer: str, limit: int | None, num_proc: int) -> tuple[list[dict], l
 
 
 def comparison_table(stats: list[dict]) -> str:
-    from plw_data.stats import fmt_sig
+    from plw_data.rg.stats import fmt_sig
 
     by_name = {s["name"]: s for s in stats}
     lines = [
@@ -158,7 +158,7 @@ def template_table(stats: list[dict]) -> str:
 
 def measure_prepared(folder: Path, stats: list[dict]) -> str:
     """Time rg-stats on a prepared RACE train DIR and check it agrees with the raw rendering."""
-    from plw_data.cli.rg_stats import DatasetSpec, measure
+    from plw_data.rg.measure import DatasetSpec, measure
 
     m = measure(DatasetSpec("RACE train", str(folder)), None, None)
     prepared = m.acc.result(name="RACE train", plws=PLWS)
@@ -173,7 +173,7 @@ def measure_prepared(folder: Path, stats: list[dict]) -> str:
 
 def write_markdown(out: Path, stats: list[dict], runs: list[dict], *, command: str, tokenizer: str, elapsed: float,
                    prepared_note: str = "") -> None:  # fmt: skip
-    from plw_data.stats import to_markdown
+    from plw_data.rg.stats import to_markdown
 
     race = next((r for r in runs if r["name"] == "RACE train"), None)
     throughput = (
@@ -216,7 +216,7 @@ Data and templates:
 
 def gaps(stats: list[dict]) -> str:
     """Why our numbers differ from the published ones, quoting our own values."""
-    from plw_data.stats import fmt_sig
+    from plw_data.rg.stats import fmt_sig
 
     by = {s["name"]: s for s in stats}
     f = lambda name, key: fmt_sig(by[name][key]) if name in by else "–"
@@ -265,7 +265,7 @@ def main() -> None:
     args = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA}: shared data absent")
-    from plw_data.stats_plot import plot_rg
+    from plw_data.rg.plot import plot_rg
 
     t0 = time.perf_counter()
     stats, values, runs = run(args.tokenizer, args.limit, args.num_proc)

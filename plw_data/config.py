@@ -2,13 +2,13 @@
 
 A recipe is a YAML mapping whose keys are the config's field names (dashes or underscores);
 CLI flags that the user actually gave override it. Unknown keys are an error, so a typo in a
-recipe never silently falls back to a default.
+recipe never silently falls back to a default. Each field's ``help`` metadata (see :func:`option`)
+is its flag's help text: the CLI (``cli/options.py``) generates every flag from these dataclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -16,6 +16,15 @@ from typing import Any, Literal, TypeVar
 from .errors import ConfigError
 
 C = TypeVar("C")
+
+
+def option(default: Any, help: str, **meta: Any) -> Any:
+    """A config field with its flag's help text; ``meta`` may hold ``flags`` (extra spellings such as
+    ``-t``) and ``group`` (which commands show it)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
 
 Format = Literal["prompt-completion", "alpaca", "messages", "sharegpt"]
 TrainOn = Literal["all", "last"]
@@ -28,29 +37,30 @@ OnError = Literal["skip", "fail"]
 class DataConfig:
     """Everything that decides how raw rows become tokens and masks (prepare, rg-stats)."""
 
-    tokenizer: str | None = None
-    format: Format = "prompt-completion"
-    prompt_template: str | None = None
-    completion_template: str | None = None
-    system_prompt: str | None = None
-    chat_template: bool | None = None  # None: use the tokenizer's when it has one
-    train_on: TrainOn = "all"  # which assistant turns are completion: all, or only the last
-    end_of_turn: EndOfTurn = "eot"  # what closes a trained turn: its end-of-turn token, + separator, or nothing
-    max_length: int = 2048
-    truncation: Truncation = "left"  # over-long: cut prompt tokens from the left/right, or drop the example
-    pack: bool = True
-    eval_fraction: float = 0.0
-    eval_input: list[str] = field(default_factory=list)
-    seed: int = 0
-    num_proc: int = 1
-    on_error: OnError = "skip"
-    options_labels: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # how list fields (e.g. RACE options) are lettered
-    split: str = "train"  # split of a hub dataset
-    batch_size: int = 1000  # rows per tokenizer call
-    shard_tokens: int = 50_000_000  # tokens per Arrow shard
-    num_shards: int = 1  # multi-machine prepare: this job handles slice shard_index of num_shards
-    shard_index: int = 0
-    trust_remote_code: bool = False
+    # Field order is the manifest's config order: append new fields at the end.
+    tokenizer: str | None = option(None, "Tokenizer folder, hub name, or .gguf file.", flags=("-t",))
+    format: Format = option("prompt-completion", "Input format: prompt-completion | alpaca | messages | sharegpt.")
+    prompt_template: str | None = option(None, 'str.format template over row fields, e.g. "{question}".')
+    completion_template: str | None = option(None, 'str.format template of the completion, e.g. "{answer}".')
+    system_prompt: str | None = option(None, "System message added to every example.")
+    chat_template: bool | None = option(None, "Render with the tokenizer's chat template (default: when it has one).")
+    train_on: TrainOn = option("all", "Assistant turns that are completion: all | last.")
+    end_of_turn: EndOfTurn = option("eot", "What closes a trained turn: eot | eot+separator | none.")
+    max_length: int = option(2048, "Tokens per row.")
+    truncation: Truncation = option("left", "Over-long examples: left | right (cut prompt tokens) | drop.")
+    pack: bool = option(True, "Global sample packing.", group="prepare")
+    eval_fraction: float = option(0.0, "Seeded eval split: this fraction of the kept examples.", group="prepare")
+    eval_input: list[str] = option([], "Eval split from these files (repeatable).", group="prepare")
+    seed: int = option(0, "Seed of the eval split and the row order.", group="prepare")
+    num_proc: int = option(1, "Encoding processes.")
+    on_error: OnError = option("skip", "Bad rows: skip (recorded in dropped.jsonl) | fail.")
+    options_labels: str = option("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "Letters for list fields (e.g. RACE options).")
+    split: str = option("train", "Split of a hub dataset.")
+    batch_size: int = option(1000, "Rows per tokenizer call.")
+    shard_tokens: int = option(50_000_000, "Tokens per Arrow shard.", group="prepare")
+    num_shards: int = option(1, "Split the job over K machines (see plw-data merge)...", group="prepare")
+    shard_index: int = option(0, "...this one prepares slice i of K.", group="prepare")
+    trust_remote_code: bool = option(False, "Allow a tokenizer's own code (off by default).")
 
     def validate(self) -> None:
         _check_literal(self, "format", Format)
@@ -70,7 +80,8 @@ class DataConfig:
             raise ConfigError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The options that change the prepared bytes (num_proc and batching do not)."""
+        """The options that change the prepared bytes: all but how the work is run (processes, batch
+        size) and what happens to a bad row (a run either records it as dropped or stops)."""
         d = dataclasses.asdict(self)
         for volatile in ("num_proc", "batch_size", "on_error"):
             d.pop(volatile)
@@ -117,7 +128,3 @@ def build_config(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]
     if validate:
         validate()
     return cfg
-
-
-def config_to_json(cfg: object) -> str:
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)  # type: ignore[call-overload]

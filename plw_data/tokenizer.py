@@ -9,16 +9,25 @@ from typing import Any
 from .errors import ConfigError
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
-    """A fast tokenizer: ids must come from the Rust backend so masks can use char offsets."""
+def gguf_location(spec: str) -> tuple[str, str | None]:
+    """(folder or hub name, GGUF file name or None): transformers loads a .gguf as folder + gguf_file."""
+    p = Path(spec)
+    return (str(p.parent), p.name) if p.suffix == ".gguf" else (spec, None)
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, fast: bool = True) -> Any:
+    """A tokenizer from a folder, a hub name or a .gguf file; one ConfigError line when none loads.
+
+    ``fast``: require the Rust backend (prepare needs it: masks use its char offsets)."""
     from transformers import AutoTokenizer
 
     path = Path(spec)
+    where, gguf = gguf_location(spec)
     try:
-        if path.suffix == ".gguf":
+        if gguf:
             if not path.is_file():
                 raise ConfigError(f"{spec}: tokenizer .gguf file not found")
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
         elif path.exists() or spec.startswith((".", "/", "~")):
             if not path.is_dir():
                 raise ConfigError(f"{spec}: tokenizer folder not found")
@@ -29,7 +38,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
         raise
     except Exception as e:  # transformers raises many kinds; the user needs one line
         raise ConfigError(f"{spec}: cannot load tokenizer: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if getattr(tok, "backend_tokenizer", None) is None:
+    if fast and getattr(tok, "backend_tokenizer", None) is None:
         raise ConfigError(f"{spec}: a fast (Rust-backed) tokenizer is required")
     return tok
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import load_tokenizer, require_shared
-from plw_data.collate import COMPLETION, IGNORE_INDEX, PAD, PROMPT, TEMPLATE, PLWCollator, model_inputs
-from plw_data.loss import naive_weighted_ce_from_logits, weighted_ce_sum
+from plw_data.batch.collate import COMPLETION, IGNORE_INDEX, PAD, PROMPT, TEMPLATE, PLWCollator, model_inputs
+from plw_data.batch.loss import naive_weighted_ce_from_logits, weighted_ce_sum
 
 torch.set_num_threads(1)
 TOKENIZER = "smollm2-135m-instruct"

@@ -58,14 +58,14 @@ def _at_call(nth: int, fn: Callable, action: Callable[[], None], when: Callable[
 def _kill_hook(point: str) -> None:
     """Make this process SIGKILL itself at `point`: 'install:N' (before the N-th move out of .plw-tmp into
     DIR) or 'manifest' (before it is written)."""
-    from plw_data import prepare
+    from plw_data import schema
 
     name, _, nth = point.partition(":")
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
     if name == "install":
         os.replace = _at_call(int(nth), os.replace, die, _installing)
     elif name == "manifest":
-        prepare.fsync_write = _at_call(1, prepare.fsync_write, die, lambda path, data: path.name == "manifest.json")
+        schema.fsync_write = _at_call(1, schema.fsync_write, die, lambda path, data: path.name == "manifest.json")
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 
@@ -81,14 +81,14 @@ if __name__ == "__main__":  # python tests/test_crash.py POINT prepare ARGS...
 from conftest import require_shared, tokenizer_dir  # noqa: E402  (the script above needs none of this)
 
 from plw_data.errors import ConfigError, PLWError  # noqa: E402
-from plw_data.verify import verify  # noqa: E402
+from plw_data.prepare.verify import verify  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
     """(prepare arguments without --output, reference DIR from an uninterrupted in-process run)."""
     from plw_data.config import DataConfig, build_config, load_recipe
-    from plw_data.prepare import prepare
+    from plw_data.prepare.pipeline import prepare
 
     tmp = tmp_path_factory.mktemp("crash")
     src = tmp / "race.jsonl"
@@ -154,9 +154,9 @@ def test_killed_prepare_reruns_to_identical_bytes(job: tuple[list[str], Path], t
 def test_crashed_overwrite_keeps_the_old_dir_or_marks_it_incomplete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--overwrite with another config, crashed: before the install the old DIR is intact and verifies;
     during the install its manifest is gone, so nothing trusts the mix, and a plain re-run rebuilds it."""
-    from plw_data import shards
+    from plw_data.prepare import shards
     from plw_data.config import DataConfig, build_config
-    from plw_data.prepare import prepare
+    from plw_data.prepare.pipeline import prepare
 
     src = tmp_path / "race.jsonl"
     with gzip.open(require_shared("race/train.jsonl.gz"), "rt") as f:

@@ -9,8 +9,9 @@ import pytest
 from conftest import CHAT_TOKENIZERS, load_tokenizer, require_shared
 
 from plw_data.config import DataConfig
-from plw_data.encode import COMPLETION, PROMPT, TEMPLATE, Encoder
-from plw_data.formats import Conversation, iter_conversations, validate
+from plw_data.prepare.encode import Encoder
+from plw_data.schema import COMPLETION, PROMPT, TEMPLATE
+from plw_data.prepare.formats import Conversation, iter_conversations, validate
 
 RACE_PROMPT = "Choose the correct option based on the context.\nContext:{article}\nQuestion:{question}\nOptions:{options}"
 DATASETS = {

@@ -12,7 +12,7 @@ from conftest import load_tokenizer, tokenizer_dir
 
 from plw_data.config import DataConfig
 from plw_data.errors import PLWError
-from plw_data.prepare import prepare
+from plw_data.prepare.pipeline import prepare
 
 TOK = "smollm2-135m-instruct"
 U = lambda text: {"role": "user", "content": text}  # noqa: E731

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plw_data.loss import (
+from plw_data.batch.loss import (
     IGNORE_INDEX,
     naive_weighted_ce_from_logits,
     naive_weighted_ce_sum,

@@ -14,9 +14,9 @@ from conftest import REPO, require_shared, tokenizer_dir
 
 from plw_data.config import DataConfig, build_config, load_recipe
 from plw_data.errors import ConfigError
-from plw_data.merge import merge
-from plw_data.prepare import prepare
-from plw_data.verify import verify
+from plw_data.prepare.merge import merge
+from plw_data.prepare.pipeline import prepare
+from plw_data.prepare.verify import verify
 
 K = 3
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import load_tokenizer, require_shared
 
-from plw_data.pack import PackPlan, lower_bound_rows, plan_bfd, plan_packing, plan_unpacked
+from plw_data.prepare.pack import PackPlan, lower_bound_rows, plan_bfd, plan_packing, plan_unpacked
 
 TOKENIZER = "smollm2-135m-instruct"
 # Tokenizing RACE costs ~1-3 ms a row here (long articles): the first 5,000 rows keep the test short

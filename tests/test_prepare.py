@@ -14,7 +14,7 @@ from conftest import REPO, require_shared, tokenizer_dir
 
 from plw_data.config import DataConfig
 from plw_data.errors import ConfigError, PLWError
-from plw_data.prepare import prepare
+from plw_data.prepare.pipeline import prepare
 
 RACE_RECIPE = REPO / "recipes" / "race.yaml"
 GOOD = {"article": "Tom has a red bike. He rides it to school.", "question": "What colour is the bike?",

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from plw_data.stats import (
+from plw_data.rg.stats import (
     QUANTILES,
     RgAccumulator,
     fmt_sig,
@@ -201,7 +201,7 @@ def test_fmt_sig(x, text):
 
 
 def test_plot_writes_png_with_two_axes_per_dataset(tmp_path):
-    from plw_data.stats_plot import plot_rg
+    from plw_data.rg.plot import plot_rg
 
     rng = np.random.default_rng(0)
     data = [
@@ -305,7 +305,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
 def test_parse_dataset_names():
-    from plw_data.cli.rg_stats import parse_dataset
+    from plw_data.rg.measure import parse_dataset
 
     assert parse_dataset("race/dev.jsonl.gz").name == "dev"
     spec = parse_dataset("RACE dev=race/dev.jsonl.gz")
@@ -358,7 +358,7 @@ def test_cli_prepared_dir_matches_raw(tmp_path):
     from conftest import REPO, require_shared
 
     from plw_data.config import DataConfig, build_config, load_recipe
-    from plw_data.prepare import prepare
+    from plw_data.prepare.pipeline import prepare
 
     tok = str(require_shared(f"tokenizers/{LLAMA2}"))
     data = _race_slice(tmp_path, 60)

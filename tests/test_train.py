@@ -154,7 +154,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def make_config(model: Path, data: Path, out: Path, **overrides):
-    from plw_data.train_config import TrainConfig
+    from plw_data.train.config import TrainConfig
 
     base = dict(
         model=str(model), data=str(data), output=str(out), dtype="fp32", progress=False, learning_rate=1e-3,
@@ -307,7 +307,7 @@ def test_eval_sums_answer_accuracy_matches_per_example_reference():
     """Synthetic hits (mostly right) where answer accuracy is far from 0 or 1; closing token left out."""
     import torch
 
-    from plw_data.evaluate import eval_sums, metrics_from_sums
+    from plw_data.batch.metrics import eval_sums, metrics_from_sums
 
     rng = np.random.default_rng(0)
     B, L = 3, 40
@@ -348,7 +348,7 @@ class Interrupt(Exception):
 
 
 def test_resume_reproduces_the_uninterrupted_run_and_bad_checkpoints_are_refused(tmp_path, tiny_model, data_dir):
-    from plw_data.checkpoint import MARKER, CheckpointError
+    from plw_data.train.checkpoint import MARKER, CheckpointError
     from plw_data.train import train
 
     # 12 rows, 4 per update: 3 updates per epoch, so the run crosses an epoch; LoRA dropout uses the RNG.
@@ -396,7 +396,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_model, data_dir):
 
 def test_early_stopping_keeps_best_and_last(tmp_path, tiny_model, data_dir):
     """Answer accuracy of a random model stays 0: the first eval is best, the second runs out of patience."""
-    from plw_data.checkpoint import verify
+    from plw_data.train.checkpoint import verify
 
     out = tmp_path / "out"
     events = run_train(

@@ -36,7 +36,7 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir, big_batch_run):
     """2 ranks x micro-batch 2 (gloo, CPU) = 1 rank x micro-batch 4: same losses, same weights."""
-    from plw_data.train import free_port
+    from plw_data.train.distributed import free_port
 
     big_events, big_weights = big_batch_run
     out = tmp_path / "out"

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from plw_data.errors import ConfigError
-from plw_data.schedule import parse_schedule
-from plw_data.train_config import TrainConfig
+from plw_data.train.schedule import parse_schedule
+from plw_data.train.config import TrainConfig
 
 
 # --------------------------------------------------------------------------- PLW schedules
@@ -57,7 +57,7 @@ def test_bad_schedule_is_a_clear_config_error(spec, message):
 
 
 def test_lr_multiplier_warmup_then_decay():
-    from plw_data.ds_config import lr_multiplier
+    from plw_data.train.ds_config import lr_multiplier
 
     cos = [lr_multiplier(k, total_steps=10, warmup_steps=3, kind="cosine", min_ratio=0.1) for k in range(10)]
     assert cos[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # no update at LR 0
@@ -68,7 +68,7 @@ def test_lr_multiplier_warmup_then_decay():
 
 
 def test_ds_config_is_built_from_the_options_and_user_json_fills_auto(tmp_path):
-    from plw_data.ds_config import build_ds_config, load_ds_config
+    from plw_data.train.ds_config import build_ds_config, load_ds_config
 
     cfg = TrainConfig(
         model="m", data="d", output="o", micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=2, dtype="bf16"
@@ -95,7 +95,7 @@ def test_ds_config_is_built_from_the_options_and_user_json_fills_auto(tmp_path):
     ("n_rows", "micro", "accum", "world"), [(12, 1, 4, 1), (12, 2, 1, 2), (13, 2, 2, 3), (5, 4, 2, 2)]
 )
 def test_every_row_is_used_once_per_epoch_whatever_the_layout(n_rows, micro, accum, world):
-    from plw_data.train import epoch_permutation, rank_slots, steps_per_epoch
+    from plw_data.train.order import epoch_permutation, rank_slots, steps_per_epoch
 
     g = micro * accum * world
     order = epoch_permutation(n_rows, seed=3, epoch=1)
@@ -115,7 +115,7 @@ def test_every_row_is_used_once_per_epoch_whatever_the_layout(n_rows, micro, acc
 
 
 def test_checkpoint_is_atomic_and_verified(tmp_path):
-    from plw_data import checkpoint as ckpt
+    from plw_data.train import checkpoint as ckpt
 
     final = tmp_path / "last"
     for step in (1, 2):

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, require_shared, tokenizer_dir
 
 from plw_data.errors import PLWError
-from plw_data.shards import sha256_file
-from plw_data.verify import verify
+from plw_data.schema import sha256_file
+from plw_data.prepare.verify import verify
 
 BAD_ROW = 50  # a malformed JSON line at this index, so dropped.jsonl is not empty
 N_ROWS = 101
@@ -27,7 +27,7 @@ N_ROWS = 101
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """100 real RACE dev rows plus one malformed row, SmolLM2, 10% eval, small shards (several per split)."""
     from plw_data.config import DataConfig, build_config, load_recipe
-    from plw_data.prepare import prepare
+    from plw_data.prepare.pipeline import prepare
 
     tmp = tmp_path_factory.mktemp("verify")
     with gzip.open(require_shared("race/dev.jsonl.gz"), "rt") as f:

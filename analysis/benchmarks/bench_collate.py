@@ -79,7 +79,7 @@ def main() -> None:
     import torch
     from transformers import DataCollatorWithFlattening
 
-    from plw_data.collate import PLWCollator
+    from plw_data.batch.collate import PLWCollator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-length", type=int, default=2048)

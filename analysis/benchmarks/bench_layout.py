@@ -28,7 +28,7 @@ GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def prepare(out: Path, examples: int, max_length: int, pack: bool) -> tuple[Path, dict]:
     from plw_data.config import DataConfig, build_config, load_recipe
-    from plw_data.prepare import prepare as run
+    from plw_data.prepare.pipeline import prepare as run
 
     raw = out / "alpaca.json"
     if not raw.exists():
@@ -56,7 +56,7 @@ def tiny_llama(out: Path) -> Path:
 
 def epoch(model: Path, data: Path, split: dict, micro_batch: int, tmp: Path, name: str) -> dict:
     from plw_data.train import train
-    from plw_data.train_config import TrainConfig
+    from plw_data.train.config import TrainConfig
 
     cfg = TrainConfig(model=str(model), data=str(data), output=str(tmp / f"run-{name}"), dtype="fp32",
                       micro_batch_size=micro_batch, num_epochs=1, progress=False, overwrite=True, tokenizer=str(TOKENIZER))  # fmt: skip

@@ -32,7 +32,7 @@ def _rss_bytes() -> int:
 def _worker(method: str, vocab: int, tokens: int, hidden: int, dtype_name: str, repeats: int) -> dict:
     import torch
 
-    from plw_data.loss import naive_weighted_ce_sum, weighted_ce_sum
+    from plw_data.batch.loss import naive_weighted_ce_sum, weighted_ce_sum
 
     torch.set_num_threads(1)  # CPU time is then the busy time, steadier than wall time on a shared machine
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ ceil(tokens / max_length), rows / lower bound, fill = tokens / (rows * max_lengt
 and CPU seconds (this machine is shared: CPU time is the steadier of the two).
 
 Methods:
-- ``plw_data``: ``plw_data.pack.plan_packing`` (lengths in, plan out);
-- ``global_bfd``: ``plw_data.pack.plan_bfd``, global best-fit decreasing over the whole split;
+- ``plw_data``: ``plw_data.prepare.pack.plan_packing`` (lengths in, plan out);
+- ``global_bfd``: ``plw_data.prepare.pack.plan_bfd``, global best-fit decreasing over the whole split;
 - ``trl_bfd``: ``trl.pack_dataset(ds, seq_length, strategy="bfd")`` as called by default (its
   ``datasets.map`` packs each batch of 1,000 examples on its own), and ``trl_bfd_global`` with
   ``map_kwargs={"batch_size": n}`` (one batch: global). Only when ``trl`` is importable; TRL also
@@ -104,13 +104,13 @@ def synthetic_lengths(kind: str, n: int, max_length: int) -> np.ndarray:
 
 
 def _plw(lengths: np.ndarray, max_length: int) -> int:
-    from plw_data.pack import plan_packing
+    from plw_data.prepare.pack import plan_packing
 
     return plan_packing(lengths, max_length, seed=0).n_rows
 
 
 def _bfd(lengths: np.ndarray, max_length: int) -> int:
-    from plw_data.pack import plan_bfd
+    from plw_data.prepare.pack import plan_bfd
 
     return plan_bfd(lengths, max_length, seed=0).n_rows
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    from plw_data.pack import lower_bound_rows
+    from plw_data.prepare.pack import lower_bound_rows
 
     L = args.max_length
     distributions: dict[str, np.ndarray] = {}

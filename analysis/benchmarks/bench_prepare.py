@@ -84,8 +84,8 @@ def data_config(recipe: str, tokenizer: str, num_proc: int):
 
 def conversations(path: Path, cfg) -> list:
     """The conversations prepare renders from `path` (rows it would drop are left out)."""
-    from plw_data.formats import convert
-    from plw_data.sources import iter_rows
+    from plw_data.prepare.formats import convert
+    from plw_data.prepare.sources import iter_rows
 
     convs = [convert(r, cfg) for r in iter_rows([str(path)], split=cfg.split)]
     return [c for c in convs if hasattr(c, "messages")]
@@ -110,7 +110,7 @@ def timed(fn: Callable[[], tuple[int, int]]) -> dict[str, float]:
 
 def ours(path: Path, cfg, tmp: Path) -> Callable[[], tuple[int, int]]:
     def run() -> tuple[int, int]:
-        from plw_data.prepare import prepare
+        from plw_data.prepare.pipeline import prepare
 
         out = Path(tempfile.mkdtemp(dir=tmp, prefix="prepared-"))
         try:

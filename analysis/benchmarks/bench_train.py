@@ -30,7 +30,7 @@ GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def prepare(out: Path, rows: int, max_length: int) -> Path:
     from plw_data.config import DataConfig, build_config, load_recipe
-    from plw_data.prepare import prepare as run
+    from plw_data.prepare.pipeline import prepare as run
 
     raw = out / "race.jsonl"
     with gzip.open(DATA / "race" / "train.jsonl.gz", "rt", encoding="utf-8") as f:
@@ -44,7 +44,7 @@ def prepare(out: Path, rows: int, max_length: int) -> Path:
 def measure(dtype: str, args: argparse.Namespace) -> dict:
     """One configuration, in this process."""
     from plw_data.train import train
-    from plw_data.train_config import TrainConfig
+    from plw_data.train.config import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare(Path(tmp), args.micro_batch_size * (args.steps + 1), args.max_length)

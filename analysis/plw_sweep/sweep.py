@@ -99,7 +99,7 @@ def sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def load_runs(a: argparse.Namespace) -> dict[float, list[dict[str, Any]]]:
-    from plw_data.metrics_plot import read_events
+    from plw_data.train.plots import read_events
 
     start = [{**e, "step": 0} for e in read_events(a.work / "step0" / "metrics.jsonl") if "eval_completion_loss" in e]
     runs = {plw: read_events(a.work / plw_name(plw) / "metrics.jsonl") for plw in a.plw}
@@ -121,7 +121,7 @@ def plot(runs: dict[float, list[dict[str, Any]]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plw_data.metrics_plot import series
+    from plw_data.train.plots import series
 
     paths = []
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)

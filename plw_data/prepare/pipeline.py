@@ -1,7 +1,6 @@
 """`plw-data prepare`: read -> convert -> render/tokenize/mask -> stage -> split -> pack -> shards -> manifest.
 
-Crash safety: everything is built in DIR/.plw-tmp and moved into place at the end; manifest.json
-is written last, so a DIR with a manifest is complete, and one without is rebuilt from scratch.
+Crash safety: see :mod:`plw_data.prepare.output` (built in DIR/.plw-tmp, manifest written last).
 Determinism: encoding is ordered whatever the number of processes, the eval split and the packing
 depend only on the seed, and the manifest holds no timestamps (run.json does).
 """
@@ -23,18 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import DataConfig
-from .encode import CountsBatch, EncodedBatch, Encoder
-from .errors import ConfigError, PLWError
+from .. import __version__
+from .. import schema as S
+from ..config import DataConfig
+from ..errors import ConfigError, PLWError
+from ..tokenizer import load_tokenizer, tokenizer_fingerprint
+from . import output as out
+from .encode import EncodedBatch, Encoder
 from .formats import convert
 from .pack import plan_packing, plan_unpacked
-from .shards import Stage, StagedExamples, fsync_write, write_split
+from .shards import Stage, StagedExamples, write_split
 from .sources import RawRow, file_sha256, iter_rows
-from .tokenizer import load_tokenizer, tokenizer_fingerprint
-
-FORMAT_VERSION = 1
-TMP_NAME = ".plw-tmp"
 
 # -- encoding, in order, in 1 or N processes ----------------------------------------------------
 
@@ -108,12 +106,6 @@ def encoded_batches(
         yield from pool.imap(_encode_chunk, chunks, chunksize=1)
 
 
-def iter_example_counts(inputs: list[str], cfg: DataConfig, tok: Any) -> Iterator[CountsBatch]:
-    """Per-example category counts of raw inputs, rendered exactly as prepare renders them."""
-    for batch in encoded_batches(inputs, cfg, tok):
-        yield batch.counts()
-
-
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -181,10 +173,10 @@ def _plan(staged: StagedExamples, members: np.ndarray, cfg: DataConfig):
 
 
 def _manifest_core(inputs: list[str], cfg: DataConfig, tok_fp: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a prepared DIR: same core, same bytes."""
+    """The manifest's identity keys: what the data were made from."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_proc"}
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": S.FORMAT_VERSION,
         "created_by": f"plw-data {__version__}",
         "config": config,
         "tokenizer": tok_fp,
@@ -192,10 +184,16 @@ def _manifest_core(inputs: list[str], cfg: DataConfig, tok_fp: dict[str, Any]) -
     }
 
 
-def _same_core(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    strip = lambda m: {**m, "inputs": [{"path": i["path"], "sha256": i["sha256"]} for i in m["inputs"]]}
-    keys = ("format_version", "config", "tokenizer", "inputs")
-    return all(strip(a).get(k) == strip(b).get(k) for k in keys)
+def _same_data(old: dict[str, Any], core: dict[str, Any], cfg: DataConfig) -> bool:
+    """Whether a finished DIR already holds what this run would write: same inputs, tokenizer and
+    every option that changes bytes (``DataConfig.fingerprint_dict``); batching and error policy do not."""
+    inputs = lambda m: [{"path": i.get("path"), "sha256": i.get("sha256")} for i in m.get("inputs", [])]
+    try:
+        old_cfg = DataConfig(**old["config"]).fingerprint_dict()
+    except (KeyError, TypeError):
+        return False
+    return (old.get("format_version") == core["format_version"] and old.get("tokenizer") == core["tokenizer"]
+            and inputs(old) == inputs(core) and old_cfg == cfg.fingerprint_dict())
 
 
 def prepare(
@@ -217,19 +215,14 @@ def prepare(
     Encoder(tok, cfg)  # fail fast on a config the tokenizer cannot serve
     core = _manifest_core(inputs, cfg, tokenizer_fingerprint(tok, cfg.tokenizer))
     output = Path(output)
-    manifest_path = output / "manifest.json"
-    if manifest_path.exists() and not overwrite:
-        old = json.loads(manifest_path.read_text())
-        if _same_core(old, core):
+    if (output / S.MANIFEST).exists() and not overwrite:
+        old = S.read_manifest(output)
+        if _same_data(old, core, cfg):
             log(f"{output}: already prepared with this config, tokenizer and inputs; nothing to do")
             return old
         raise ConfigError(f"{output}: holds data prepared with another config, tokenizer or inputs; use --overwrite")
-    # A DIR holding TMP_NAME is a prepare killed before its manifest landed: rebuilt like an empty one.
-    if output.exists() and any(output.iterdir()) and not (overwrite or manifest_path.exists() or (output / TMP_NAME).is_dir()):
-        raise ConfigError(f"{output}: exists, is not empty and is not a plw-data directory; use --overwrite")
-    work = output / TMP_NAME
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    out.check_target(output, overwrite=overwrite)
+    work = out.begin(output)
 
     bar = Progress(progress)
     dropped: list = []
@@ -272,7 +265,7 @@ def prepare(
         json.dumps({"index": i, "reason": e.reason, "detail": e.detail, "file": f, "row": r, "field": e.field}) + "\n"
         for i, f, r, e in dropped
     )
-    fsync_write(work / "dropped.jsonl", lines.encode())
+    S.fsync_write(work / S.DROPPED, lines.encode())
     kept = sum(e["examples"] for e in split_entries.values())
     manifest = {
         **core,
@@ -287,27 +280,9 @@ def prepare(
     }
     for leftover in ("stage-train", "stage-eval"):
         shutil.rmtree(work / leftover, ignore_errors=True)
-    _install(work, output)
     seconds = time.perf_counter() - t0
     run = {"num_proc": cfg.num_proc, "seconds": round(seconds, 3), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "rows_per_s": round((n_train_rows + n_eval_rows) / seconds, 1),
            "tokens_per_s": round(sum(e["tokens"] for e in split_entries.values()) / seconds, 1)}
-    fsync_write(output / "run.json", (json.dumps(run, indent=2) + "\n").encode())
-    fsync_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
-    work.rmdir()  # only now: until the manifest lands, TMP_NAME marks DIR as an interrupted prepare
+    out.install(work, output, manifest, run)
     return manifest
-
-
-def _install(work: Path, output: Path) -> None:
-    """Move the finished splits into place; the caller writes the manifest, then removes `work`."""
-    stale = output / "manifest.json"
-    if stale.exists():
-        stale.unlink()  # from here on the DIR is incomplete until the new manifest lands
-    for name in ("train", "eval", "dropped.jsonl", "run.json"):
-        target = output / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    for item in work.iterdir():
-        os.replace(item, output / item.name)

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import PLWError
+from ..errors import PLWError
 
 MARKER = "CHECKPOINT_COMPLETE.json"
 STATE = "trainer_state.json"

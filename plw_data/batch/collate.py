@@ -49,11 +49,12 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-#: ``category`` codes (returned with ``return_example_ids=True``).
-TEMPLATE, PROMPT, COMPLETION, PAD = 0, 1, 2, -1
+from .. import schema as S
+from ..schema import COMPLETION, IGNORE_INDEX, PROMPT, TEMPLATE  # noqa: F401  (codes of `category`)
 
-_MASKS = ("template_mask", "prompt_mask", "completion_mask")  # index == category code
+#: ``category`` code of padding (returned with ``return_example_ids=True``; the others are the schema's).
+PAD = -1
+_MASKS = S.MASK_COLUMNS  # index == category code
 _MODEL_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -85,6 +86,18 @@ class PLWCollator:
         return_example_ids: bool = False,
         return_attention_mask: bool = False,
     ) -> None:
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of!r}")
+        self.set_weights(prompt_loss_weight, template_weight, completion_weight)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = int(pad_token_id)
+        self.emit_cu_seqlens = emit_cu_seqlens
+        self.return_example_ids = return_example_ids
+        self.return_attention_mask = return_attention_mask
+
+    def set_weights(self, prompt_loss_weight: float, template_weight: float | None = None,
+                    completion_weight: float = 1.0) -> None:
+        """Change the weights (a PLW schedule does, every update) without building a new collator."""
         template = prompt_loss_weight if template_weight is None else template_weight
         for name, value in (
             ("prompt_loss_weight", prompt_loss_weight),
@@ -93,16 +106,9 @@ class PLWCollator:
         ):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of!r}")
         self.prompt_loss_weight = float(prompt_loss_weight)
         self.template_weight = float(template)
         self.completion_weight = float(completion_weight)
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.pad_token_id = int(pad_token_id)
-        self.emit_cu_seqlens = emit_cu_seqlens
-        self.return_example_ids = return_example_ids
-        self.return_attention_mask = return_attention_mask
         # Indexed by category code; index 3 (internal pad code) weighs 0.
         self._weight_table = np.array([template, prompt_loss_weight, completion_weight, 0.0], dtype=np.float32)
 
@@ -115,16 +121,16 @@ class PLWCollator:
     def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """Collate ``rows`` (a list of row dicts, or one dict of columns as ``dataset[i:j]`` gives)."""
         cols = _columns(rows, self.return_example_ids)
-        n_rows = len(cols["input_ids"])
+        n_rows = len(cols[S.INPUT_IDS])
         if n_rows == 0:
             raise ValueError("PLWCollator got an empty batch")
-        row_len = _lengths(cols["input_ids"])
+        row_len = _lengths(cols[S.INPUT_IDS])
         if (row_len == 0).any():
             raise ValueError(f"row {int(np.argmin(row_len))}: field 'input_ids' is empty")
         for field in _MASKS:
             _check_lengths(cols, field, row_len)
 
-        ids = _concat(cols["input_ids"], np.int64, "input_ids")
+        ids = _concat(cols[S.INPUT_IDS], np.int64, S.INPUT_IDS)
         category = _category(cols, row_len)
         seq, n_ex = _segments(cols, row_len)
 
@@ -169,8 +175,8 @@ class PLWCollator:
         if self.return_example_ids:
             grid_cat[~real] = PAD
             batch["category"] = torch.from_numpy(grid_cat)
-            _check_lengths(cols, "example_index", n_ex)
-            example = _concat(cols["example_index"], np.int64, "example_index")
+            _check_lengths(cols, S.EXAMPLE_INDEX, n_ex)
+            example = _concat(cols[S.EXAMPLE_INDEX], np.int64, S.EXAMPLE_INDEX)
             batch["example_id"] = torch.from_numpy(_grid(np.repeat(example, seq), row_len, width, -1))
         return batch
 
@@ -196,7 +202,7 @@ def _grid(flat: np.ndarray, row_len: np.ndarray, width: int, fill: int) -> np.nd
 
 def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], with_examples: bool) -> dict[str, list]:
     """Column-wise view of the batch; a missing field is an error naming the row and field."""
-    fields = ("input_ids", *_MASKS, "seq_lengths") + (("example_index",) if with_examples else ())
+    fields = (S.INPUT_IDS, *_MASKS, S.SEQ_LENGTHS) + ((S.EXAMPLE_INDEX,) if with_examples else ())
     if isinstance(rows, Mapping):
         missing = [f for f in fields if f not in rows]
         if missing:
@@ -274,8 +280,8 @@ def _category(cols: dict[str, list], row_len: np.ndarray) -> np.ndarray:
 
 def _segments(cols: dict[str, list], row_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat example lengths and examples per row; lengths must be positive and sum to the row length."""
-    n_ex = _lengths(cols["seq_lengths"])
-    seq = _concat(cols["seq_lengths"], np.int64, "seq_lengths")
+    n_ex = _lengths(cols[S.SEQ_LENGTHS])
+    seq = _concat(cols[S.SEQ_LENGTHS], np.int64, S.SEQ_LENGTHS)
     if (n_ex == 0).any():
         raise ValueError(f"row {int(np.argmin(n_ex))}: field 'seq_lengths' is empty")
     if (seq <= 0).any():

@@ -1,8 +1,8 @@
-"""Eval metrics (CONTRACT §5) from per-token CE and argmax correctness, by on-device reductions.
+"""Eval metrics (docs/training.md) from per-token CE and argmax correctness, by on-device reductions.
 
 Each eval batch contributes a small vector of sums (:func:`eval_sums`); the trainer adds the vectors
 over batches, all-reduces them over ranks and turns them into metrics (:func:`metrics_from_sums`).
-Logits are never gathered: :func:`plw_data.loss.token_ce_and_argmax` gives [B, L] CE/correct, and
+Logits are never gathered: :func:`plw_data.batch.loss.token_ce_and_argmax` gives [B, L] CE/correct, and
 everything here is masks, sums and one scatter-add per example.
 
 Targets are the tokens whose label is not -100: every token but the first of each example and the
@@ -20,9 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .collate import COMPLETION, PROMPT, TEMPLATE
-
-IGNORE_INDEX = -100
+from ..schema import COMPLETION, IGNORE_INDEX, PROMPT, TEMPLATE
 # Layout of the sums vector.
 CE = {TEMPLATE: 0, PROMPT: 1, COMPLETION: 2}
 COUNT = {TEMPLATE: 3, PROMPT: 4, COMPLETION: 5}

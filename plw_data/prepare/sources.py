@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, RowError
+from ..errors import ConfigError, RowError
+from ..schema import sha256_file
 
 SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
 
@@ -45,14 +45,8 @@ def input_kind(spec: str) -> str:
 
 
 def file_sha256(spec: str) -> str | None:
-    p = Path(spec)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """A local input's checksum; None for a hub dataset."""
+    return sha256_file(spec) if Path(spec).is_file() else None
 
 
 def _json_lines(lines: Iterator[bytes]) -> Iterator[dict[str, Any] | RowError]:

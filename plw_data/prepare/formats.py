@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import DataConfig
-from .errors import RowError
+from ..config import DataConfig
+from ..errors import RowError
 from .sources import RawRow, iter_rows
 
 ROLES = ("system", "user", "assistant")

@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import DataConfig
-from .errors import ConfigError, RowError
+from ..config import DataConfig
+from ..errors import ConfigError, RowError
+from ..schema import COMPLETION, PROMPT, TEMPLATE
+from ..tokenizer import special_ids
 from .formats import RESERVED, Conversation
-from .tokenizer import special_ids
 
-TEMPLATE, PROMPT, COMPLETION = 0, 1, 2
-CATEGORY_NAMES = ("template", "prompt", "completion")
 PLAIN_SEPARATOR = "\n"  # between turns when no chat template is used (a template token)
 _PLACEHOLDER = re.compile(f"{RESERVED[0]}(\\d+){RESERVED[1]}")
 

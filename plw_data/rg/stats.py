@@ -1,6 +1,6 @@
 """Generation-ratio (Rg) statistics: does a prompt-loss-weight matter for this dataset?
 
-Per example, Rg = completion tokens / (prompt + template tokens) (CONTRACT §4). The
+Per example, Rg = completion tokens / (prompt + template tokens) (docs/rg-stats.md). The
 distribution is heavily skewed (RACE ~0.003, Alpaca-style rows up to 50+), so the arithmetic
 mean alone misleads; we report it beside the geometric mean, the median, quantiles and the
 ratio of sums (Σ completion / Σ prompt: the dataset-level balance of the loss at PLW = 1).
@@ -146,7 +146,7 @@ def rg_statistics(
     template: np.ndarray | None = None,
     skipped: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """CONTRACT §4 statistics (plus extras) for per-example prompt(+template) and completion counts.
+    """The rg-stats statistics (docs/rg-stats.md) (plus extras) for per-example prompt(+template) and completion counts.
 
     ``template`` (optional, already included in ``prompt``) is only reported as ``mean_template``;
     ``skipped`` adds reasons counted upstream (e.g. rows the pipeline dropped).
@@ -233,7 +233,7 @@ class RgAccumulator:
 
 
 def to_json(stats_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The CONTRACT §4 document: ``{"datasets": [...]}``."""
+    """The rg-stats JSON document (docs/rg-stats.md): ``{"datasets": [...]}``."""
     return {"datasets": [dict(s) for s in stats_list]}
 
 

@@ -1,16 +1,19 @@
 """The trainer's options: one dataclass behind `plw-train` flags and `--recipe FILE.yaml` keys.
 
 Every field is a CLI flag (``--field-name``) and a recipe key (``field_name`` or ``field-name``);
-its ``help`` metadata is the flag's help text. ``cli/train.py`` builds the command from this list.
+its ``help`` metadata is the flag's help text (:func:`plw_data.config.option`); ``cli/options.py``
+builds the command from this list, as it does for `plw-data prepare` from ``DataConfig``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Literal
 
-from .errors import ConfigError
-from .schedule import parse_schedule
+from ..config import option as _opt
+from ..errors import ConfigError
+from .schedule import Schedule, parse_schedule
 
 Dtype = Literal["auto", "bf16", "fp32", "fp16"]
 LRScheduler = Literal["cosine", "linear", "constant"]
@@ -25,12 +28,6 @@ EVAL_METRICS = (
 
 _POSITIVE = ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "num_epochs")
 _POSITIVE_IF_GIVEN = ("eval_steps", "save_steps", "eval_batch_size", "max_eval_rows", "pad_to_multiple_of", "loss_chunk_size")
-
-
-def _opt(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -58,7 +55,7 @@ class TrainConfig:
     attn_implementation: str | None = _opt(None, "Attention: sdpa, eager, flash_attention_2...; default: transformers'.")
     # --- loss
     prompt_loss_weight: str = _opt(
-        "0.1", "PLW or a PLW schedule: 0.1, linear:1.0:0.0, step:1.0:0.1@epoch=1 (grammar: plw_data/schedule.py)."
+        "0.1", "PLW or a PLW schedule: 0.1, linear:1.0:0.0, step:1.0:0.1@epoch=1 (grammar: docs/training.md)."
     )
     template_weight: str | None = _opt(None, "Template-token weight or schedule; default: the same as the PLW.")
     completion_weight: float = _opt(1.0, "Completion-token weight.")
@@ -120,10 +117,20 @@ class TrainConfig:
         if self.completion_weight < 0:
             raise ConfigError(f"--completion-weight must be >= 0, got {self.completion_weight}")
         self.prompt_loss_weight = str(self.prompt_loss_weight)
-        parse_schedule(self.prompt_loss_weight)
         if self.template_weight is not None:
             self.template_weight = str(self.template_weight)
-            parse_schedule(self.template_weight, name="template_weight")
+        self.plw_schedule, self.template_schedule  # parsed here, once: a bad spec fails before any work
+
+    @functools.cached_property
+    def plw_schedule(self) -> Schedule:
+        return parse_schedule(self.prompt_loss_weight)
+
+    @functools.cached_property
+    def template_schedule(self) -> Schedule | None:
+        """None: template tokens take the PLW."""
+        if self.template_weight is None:
+            return None
+        return parse_schedule(self.template_weight, name="template_weight")
 
     @property
     def higher_is_better(self) -> bool:

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .train_config import TrainConfig
+from ..errors import ConfigError
+from .config import TrainConfig
 
 _HUGE = 1 << 30
 

@@ -29,14 +29,11 @@ A non-finite window loss stops the run before that update is applied (TrainingEr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import json
-import logging
 import math
-import os
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,314 +41,22 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError, PLWError
 from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import closing_token_ids, collate_rows, eval_path, load_split, model_kwargs, run_tokenizer, target_weight
+from .distributed import all_reduce_sum, barrier, default_dist_env, init_distributed
 from .ds_config import build_ds_config, load_ds_config, lr_multiplier
-from .errors import ConfigError, PLWError
-from .metrics_plot import plot_metrics, read_events
-from .schedule import Schedule, parse_schedule
-from .train_config import TrainConfig
+from .model import build_optimizer, decoder_and_head, load_model, loss_module, resolve_dtype
+from .order import epoch_permutation, rank_slots, steps_per_epoch, update_seed
+from .plots import plot_metrics, read_events
+from .schedule import Schedule
 
 Event = dict[str, Any]
 
 
 class TrainingError(PLWError):
     """Training cannot go on (e.g. a non-finite loss)."""
-
-
-# --------------------------------------------------------------------------- data order (pure)
-
-
-def epoch_permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The row order of ``epoch``: a permutation seeded by (seed, epoch), the same on every rank."""
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)
-
-
-def rank_slots(window: np.ndarray, *, micro: int, accum: int, world: int, rank: int) -> list[np.ndarray]:
-    """This rank's row indices for each micro-step of an update (possibly empty at an epoch's end)."""
-    return [window[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)]
-
-
-def steps_per_epoch(n_rows: int, global_batch: int) -> int:
-    return max(1, math.ceil(n_rows / global_batch))
-
-
-def update_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-# --------------------------------------------------------------------------- distributed setup
-
-
-def default_dist_env() -> None:
-    """Make a plain ``plw-train`` a world of one (deepspeed/torchrun set these themselves)."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size) after initialising DeepSpeed comm: gloo on CPU, the accelerator's backend else."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    accel = get_accelerator()
-    if accel.device_name() == "cpu":
-        # The shared-memory comm op is JIT-compiled for 50-110 s at init; gloo needs no extension.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    else:
-        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def _all_reduce_sum(tensor):
-    import torch.distributed as dist
-
-    if dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.get_world_size() > 1:
-        dist.barrier()
-
-
-# --------------------------------------------------------------------------- model
-
-
-def resolve_dtype(name: str) -> str:
-    """``auto``: bf16 where the hardware computes it natively; else fp32 (CPUs without AVX512-BF16/AMX
-    run bf16 matmuls through slow fallback kernels, ~35x slower than fp32 on an AVX2 EPYC)."""
-    if name != "auto":
-        return name
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
-
-
-def load_model(cfg: TrainConfig):
-    """A causal LM from a local folder, a .gguf file (dequantised) or a hub name, with LoRA unless --no-lora."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(cfg.model)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg.dtype)}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ConfigError(f"--model {path}: GGUF file not found")
-        kwargs.update(gguf_file=path.name)
-        path = path.parent
-    elif not path.exists() and (cfg.model.startswith((".", "/")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
-        raise ConfigError(f"--model {cfg.model}: no such model folder")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--model {cfg.model}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
-    _check_plain_logits(model.config)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not cfg.lora:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    targets = list(cfg.lora_target_modules) or "all-linear"
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
-    return model
-
-
-def _check_plain_logits(config) -> None:
-    """The fused loss computes hidden @ W.T (+ b); models that soft-cap or scale logits are refused."""
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ConfigError(f"--model: {config.model_type} transforms its logits ({attr}={value}); not supported")
-
-
-def decoder_and_head(model):
-    """(decoder returning final hidden states, lm_head) of a causal LM, through a peft wrapper if any."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    if decoder is None or head is None or decoder is base:
-        raise ConfigError(f"--model: cannot find the decoder and lm_head of {type(base).__name__}")
-    return decoder, head
-
-
-def _loss_module(model, chunk_size: int | None):
-    """nn.Module handed to DeepSpeed: its forward runs the decoder and the fused loss (or eval CE)."""
-    import torch
-
-    from .loss import token_ce_and_argmax, weighted_ce_sum
-
-    class PLWLossModel(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, position_ids, labels, loss_weights=None, **attn_kwargs):
-            decoder, head = decoder_and_head(self.model)
-            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs)
-            hidden, w, b = out.last_hidden_state, head.weight, head.bias
-            # Under ZeRO-3 the lm_head weight is an external parameter of this module (registered
-            # after deepspeed.initialize), so DeepSpeed gathers it for this forward.
-            if loss_weights is None:
-                return token_ce_and_argmax(hidden, w, labels, chunk_size=chunk_size, lm_head_bias=b)
-            return weighted_ce_sum(hidden, w, labels, loss_weights, chunk_size=chunk_size, lm_head_bias=b)
-
-    return PLWLossModel()
-
-
-def _optimizer(module, cfg: TrainConfig):
-    """torch AdamW: no JIT-compiled DeepSpeed op (FusedAdam/CPUAdam), the same code on CPU and GPU."""
-    import torch
-
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]  # matrices; biases and norm scales are not decayed
-    no_decay = [p for p in trainable if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _load_split(path: Path, what: str):
-    from datasets import load_from_disk
-
-    if not path.is_dir():
-        raise ConfigError(f"{path}: {what} split not found (expected a folder from plw-data prepare)")
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as e:  # datasets raises several types for a foreign folder
-        raise ConfigError(f"{path}: cannot load the {what} split: {e}") from None
-    missing = {"input_ids", "prompt_mask", "completion_mask", "template_mask", "seq_lengths", "example_index"} - set(
-        ds.column_names
-    )
-    if missing:
-        raise ConfigError(f"{path}: the {what} split lacks field(s) {', '.join(sorted(missing))}")
-    if len(ds) == 0:
-        raise ConfigError(f"{path}: the {what} split is empty")
-    return ds
-
-
-def _eval_path(cfg: TrainConfig) -> Path | None:
-    if cfg.eval_data:
-        return Path(cfg.eval_data)
-    default = Path(cfg.data) / "eval"
-    return default if default.is_dir() else None
-
-
-def _collate_rows(collate, dataset, indices: np.ndarray, fallback: int):
-    """Collate ``indices`` of ``dataset``; an empty slot becomes one row with every target removed."""
-    if len(indices):
-        return collate(dataset[[int(i) for i in indices]])
-    batch = collate(dataset[[fallback]])
-    batch["labels"].fill_(-100)
-    batch["loss_weights"].zero_()
-    return batch
-
-
-def _target_weight(batch) -> float:
-    w = batch["loss_weights"][:, 1:].double() * (batch["labels"][:, 1:] != -100)
-    return float(w.sum())
-
-
-def _model_kwargs(batch, device, *, with_weights: bool) -> dict[str, Any]:
-    keys = ["input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"]
-    if with_weights:
-        keys.append("loss_weights")
-    return {k: batch[k].to(device) if hasattr(batch[k], "to") else batch[k] for k in keys if k in batch}
-
-
-# --------------------------------------------------------------------------- special tokens
-
-
-def closing_token_ids(cfg: TrainConfig, model_config) -> list[int]:
-    """Ids of special tokens that may close a completion (left out of answer accuracy)."""
-    ids: set[int] = set()
-    for src in (model_config, getattr(model_config, "generation_config", None)):
-        eos = getattr(src, "eos_token_id", None)
-        ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    tok = load_tokenizer(cfg)
-    if tok is not None:
-        ids.update(int(i) for i in tok.all_special_ids)
-        if tok.eos_token_id is not None:
-            ids.add(int(tok.eos_token_id))
-    return sorted(ids)
-
-
-def _split_gguf(path: str) -> tuple[str, str | None]:
-    """(folder or name, GGUF file name or None): transformers loads a .gguf as folder + gguf_file."""
-    p = Path(path)
-    return (str(p.parent), p.name) if p.suffix == ".gguf" else (path, None)
-
-
-def _tokenizer_source(cfg: TrainConfig) -> tuple[str, str | None]:
-    """--tokenizer, else the prepared data's tokenizer (manifest) when local, else the model's."""
-    if cfg.tokenizer:
-        return _split_gguf(cfg.tokenizer)
-    try:
-        name = json.loads((Path(cfg.data) / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]["name_or_path"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        name = None
-    if isinstance(name, str) and Path(name).exists():
-        return _split_gguf(name)
-    return _split_gguf(cfg.model)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(path: str, gguf: str | None):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
-
-
-def load_tokenizer(cfg: TrainConfig):
-    """The run's tokenizer (see ``--tokenizer``), or None when none loads."""
-    try:
-        return _cached_tokenizer(*_tokenizer_source(cfg))
-    except (OSError, ValueError, TypeError):
-        if cfg.tokenizer:
-            raise ConfigError(f"--tokenizer {cfg.tokenizer}: cannot load a tokenizer") from None
-        return None
 
 
 # --------------------------------------------------------------------------- the run
@@ -376,16 +81,17 @@ class Trainer:
         import torch
 
         default_dist_env()
-        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))
+        cfg = copy.copy(cfg)  # keeps the schedules parsed by validate()
+        cfg.dtype = resolve_dtype(cfg.dtype)
         self.cfg = cfg
         self.on_event = on_event
         self.out = Path(cfg.output)
-        self.rank, self.world = _init_distributed()
+        self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         self._check_output()
-        self.train_ds = _load_split(Path(cfg.data) / "train", "train")
-        eval_path = _eval_path(cfg)
-        self.eval_ds = _load_split(eval_path, "eval") if eval_path else None
+        self.train_ds = load_split(Path(cfg.data) / "train", "train")
+        eval_dir = eval_path(cfg)
+        self.eval_ds = load_split(eval_dir, "eval") if eval_dir else None
         if self.eval_ds is not None and cfg.max_eval_rows:
             self.eval_ds = self.eval_ds.select(range(min(cfg.max_eval_rows, len(self.eval_ds))))
 
@@ -401,10 +107,8 @@ class Trainer:
         self.global_batch = self.micro * self.accum * self.world
         self.steps_per_epoch = steps_per_epoch(len(self.train_ds), self.global_batch)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * self.steps_per_epoch
-        self.plw: Schedule = parse_schedule(cfg.prompt_loss_weight)
-        self.template: Schedule | None = (
-            parse_schedule(cfg.template_weight, name="template_weight") if cfg.template_weight is not None else None
-        )
+        self.plw: Schedule = cfg.plw_schedule
+        self.template: Schedule | None = cfg.template_schedule
 
         torch.manual_seed(cfg.seed)  # LoRA initialisation
         model = load_model(cfg)
@@ -414,7 +118,9 @@ class Trainer:
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         self.flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
         self.ds_config = ds_config
-        self.engine = self._engine(_loss_module(model, cfg.loss_chunk_size), ds_config)
+        self.engine = self._engine(loss_module(model, cfg.loss_chunk_size), ds_config)
+        self.train_collate = self._collator(eval_mode=False)
+        self.eval_collate = self._collator(eval_mode=True)
         self.state = RunState()
         self.saved_step: int | None = None
         self.events: list[Event] = []
@@ -429,7 +135,7 @@ class Trainer:
             raise ConfigError(f"{self.out}: holds a run already; --resume continues it, --overwrite starts over")
         # On resume, fail fast (before loading the model) on a missing, partial or corrupt checkpoint.
         self.saved = ckpt.verify(ckpt.resolve(self.out / "last")) if self.cfg.resume else {}
-        _barrier()
+        barrier()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.cfg.overwrite:
@@ -437,13 +143,13 @@ class Trainer:
                     (self.out / name).unlink(missing_ok=True)
                 for name in ("best", "last"):
                     shutil.rmtree(self.out / name, ignore_errors=True)
-        _barrier()
+        barrier()
 
     def _engine(self, module, ds_config: dict[str, Any]):
         import deepspeed
         import torch
 
-        optimizer = None if "optimizer" in ds_config else _optimizer(module, self.cfg)
+        optimizer = None if "optimizer" in ds_config else build_optimizer(module, self.cfg)
         scheduler = None
         if "scheduler" not in ds_config and optimizer is not None:
             warmup = self.cfg.warmup_for(self.total_steps)
@@ -488,7 +194,7 @@ class Trainer:
     # ----------------------------------------------------------------- main loop
 
     def run(self) -> list[Event]:
-        from .metrics_plot import LiveTable
+        from .plots import LiveTable
 
         if self.cfg.resume:
             self._resume()
@@ -531,24 +237,24 @@ class Trainer:
             f"PLW {self.plw}, template {template}"
         )
 
-    def _collator(self, step: int, *, eval_mode: bool = False):
-        from .collate import PLWCollator
+    def _collator(self, *, eval_mode: bool):
+        """Train: weights set per update (:meth:`_weights`); eval: every token a target, with categories."""
+        from ..batch.collate import PLWCollator
 
-        if eval_mode:
-            pw, tw, cw = 1.0, 1.0, 1.0
-        else:
-            pw = self.plw.value(step, self.total_steps, self.steps_per_epoch)
-            tw = None if self.template is None else self.template.value(step, self.total_steps, self.steps_per_epoch)
-            cw = self.cfg.completion_weight
         return PLWCollator(
-            prompt_loss_weight=pw,
-            template_weight=tw,
-            completion_weight=cw,
+            prompt_loss_weight=1.0,
+            completion_weight=1.0,
             pad_to_multiple_of=self.cfg.pad_to_multiple_of,
             pad_token_id=self.pad_id,
             emit_cu_seqlens=self.flash,
             return_example_ids=eval_mode,
         )
+
+    def _weights(self, step: int) -> tuple[float, float | None, float]:
+        """(PLW, template weight or None for "= PLW", completion weight) at update ``step``."""
+        at = (step, self.total_steps, self.steps_per_epoch)
+        template = None if self.template is None else self.template.value(*at)
+        return self.plw.value(*at), template, self.cfg.completion_weight
 
     def train_step(self) -> Event:
         """One update: collate the window, all-reduce Σw, then forward/backward each micro-batch."""
@@ -558,12 +264,13 @@ class Trainer:
         epoch, offset = divmod(step, self.steps_per_epoch)
         order = epoch_permutation(len(self.train_ds), self.cfg.seed, epoch)
         window = order[offset * self.global_batch : (offset + 1) * self.global_batch]
-        collate = self._collator(step)
+        collate = self.train_collate
+        collate.set_weights(*self._weights(step))
         slots = rank_slots(window, micro=self.micro, accum=self.accum, world=self.world, rank=self.rank)
-        batches = [_collate_rows(collate, self.train_ds, rows, int(window[0])) for rows in slots]
+        batches = [collate_rows(collate, self.train_ds, rows, int(window[0])) for rows in slots]
         device = self.engine.device
-        local_w = torch.tensor(sum(_target_weight(b) for b in batches), dtype=torch.float64, device=device)
-        total_w = _all_reduce_sum(local_w)
+        local_w = torch.tensor(sum(target_weight(b) for b in batches), dtype=torch.float64, device=device)
+        total_w = all_reduce_sum(local_w)
         denom = float(total_w) if float(total_w) > 0 else 1.0  # a window without targets: loss 0, no gradient
 
         torch.manual_seed(update_seed(self.cfg.seed, step, self.rank))
@@ -571,10 +278,10 @@ class Trainer:
         local = torch.zeros((), dtype=torch.float64, device=device)
         lr = self.engine.get_lr()[0]
         for i, batch in enumerate(batches):
-            ce_sum = self.engine(**_model_kwargs(batch, device, with_weights=True))
+            ce_sum = self.engine(**model_kwargs(batch, device, with_weights=True))
             local += ce_sum.detach().double()
             if i == len(batches) - 1:
-                train_loss = float(_all_reduce_sum(local.clone())) / denom
+                train_loss = float(all_reduce_sum(local.clone())) / denom
                 if not math.isfinite(train_loss):
                     raise TrainingError(
                         f"non-finite train loss ({train_loss}) at step {step + 1}; stopped before applying that update"
@@ -602,24 +309,24 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         import torch
 
-        from .evaluate import N_SUMS, eval_sums, metrics_from_sums
+        from ..batch.metrics import N_SUMS, eval_sums, metrics_from_sums
 
         assert self.eval_ds is not None
         bs = self.cfg.eval_batch_size or self.micro
         mine = np.arange(self.rank, len(self.eval_ds), self.world)
         n_batches = math.ceil(math.ceil(len(self.eval_ds) / self.world) / bs)
-        collate = self._collator(0, eval_mode=True)
+        collate = self.eval_collate
         device = self.engine.device
         sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
         self.engine.eval()
         with torch.no_grad():
             for b in range(n_batches):
-                batch = _collate_rows(collate, self.eval_ds, mine[b * bs : (b + 1) * bs], 0)
-                ce, correct = self.engine(**_model_kwargs(batch, device, with_weights=False))
+                batch = collate_rows(collate, self.eval_ds, mine[b * bs : (b + 1) * bs], 0)
+                ce, correct = self.engine(**model_kwargs(batch, device, with_weights=False))
                 on = [batch[k].to(device) for k in ("labels", "category", "example_id", "input_ids")]
                 sums += eval_sums(ce, correct, *on, self.closing_ids)
         self.engine.train()
-        return metrics_from_sums(_all_reduce_sum(sums))
+        return metrics_from_sums(all_reduce_sum(sums))
 
     def evaluate_and_log(self, *, require: bool = False) -> bool:
         """Evaluate, log, keep OUT/best up to date and count early-stopping patience; False without eval data."""
@@ -670,7 +377,7 @@ class Trainer:
         import deepspeed
 
         tmp = ckpt.temp_dir(final) if self.is_main else final.with_name(f".{final.name}.tmp")
-        _barrier()
+        barrier()
         if with_engine_state:
             self.engine.save_checkpoint(
                 str(tmp / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=self.cfg.lora
@@ -685,14 +392,14 @@ class Trainer:
                     self.model.save_pretrained(str(tmp), save_embedding_layers="auto" if embeds else False)
                 else:
                     self.model.save_pretrained(str(tmp))
-                tok = load_tokenizer(self.cfg)
+                tok = run_tokenizer(self.cfg)
                 if tok is not None:
                     tok.save_pretrained(str(tmp))
-        _barrier()
+        barrier()
         if self.is_main:
             ckpt.seal(tmp, {**self._trainer_state(), **extra})
             ckpt.publish(tmp, final)
-        _barrier()
+        barrier()
 
     def save_last(self) -> None:
         self._save_model(self.out / "last", {}, with_engine_state=True)
@@ -715,7 +422,7 @@ class Trainer:
         if self.is_main:  # drop events logged after the checkpoint (they will be redone)
             kept = [e for e in read_events(self.out / "metrics.jsonl") if e.get("step", 0) <= self.state.step]
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
-        _barrier()
+        barrier()
 
 
 def train(cfg: TrainConfig, *, on_event: Callable[[Event], None] | None = None) -> list[Event]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..schema import lower_bound_rows
+
 _PASSES = 6  # greedy passes at most (each re-weights the lengths left in under-filled rows)
 _GREEDY_MAX_CAP = 4096  # beyond this row length the greedy plans on lengths rounded up to a grain
 _BOOST = 4.0  # priority increase per pass for a length, times its fraction left in under-filled rows
@@ -47,11 +49,6 @@ class PackPlan:
 
     def row(self, r: int) -> np.ndarray:
         return self.order[self.row_starts[r] : self.row_starts[r + 1]]
-
-
-def lower_bound_rows(total_tokens: int, max_length: int) -> int:
-    """ceil(T / L): no packing can use fewer rows."""
-    return -(-int(total_tokens) // int(max_length))
 
 
 def plan_unpacked(n: int, seed: int = 0, shuffle: bool = True) -> PackPlan:

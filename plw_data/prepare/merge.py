@@ -8,7 +8,6 @@ The merged DIR is installed like a prepare output (built in DIR/.plw-tmp, manife
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,18 +15,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .prepare import TMP_NAME, _install
-from .shards import fsync_write, sha256_file
-
-SUMMED = ("rows", "examples", "tokens", "prompt_tokens", "completion_tokens", "template_tokens")
-
+from .. import schema as S
+from ..errors import ConfigError
+from . import output as out
 
 def _read_part(path: Path) -> dict[str, Any]:
-    m = path / "manifest.json"
-    if not m.is_file():
-        raise ConfigError(f"{path}: no manifest.json (not a finished plw-data prepare output)")
-    return json.loads(m.read_text())
+    if not (path / S.MANIFEST).is_file():
+        raise ConfigError(f"{path}: no {S.MANIFEST} (not a finished plw-data prepare output)")
+    return S.read_manifest(path)
 
 
 def _check_parts(parts: list[Path], manifests: list[dict[str, Any]]) -> int:
@@ -59,16 +54,12 @@ def _merge_split(name: str, parts: list[Path], entries: list[dict[str, Any]], wo
         file = f"data-{j:05d}-of-{len(sources):05d}.arrow"
         _place(src, folder / file)
         shards.append({**s, "file": file})
-    state = json.loads((parts[0] / name / "state.json").read_text())
-    state["_data_files"] = [{"filename": s["file"]} for s in shards]
-    state["_fingerprint"] = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
-    fsync_write(folder / "state.json", json.dumps(state, indent=2).encode())
-    shutil.copyfile(parts[0] / name / "dataset_info.json", folder / "dataset_info.json")
-    entry = {key: sum(e[key] for e in entries) for key in SUMMED}
+    features = json.loads((parts[0] / name / S.DATASET_INFO).read_text())["features"]
+    S.write_split_metadata(folder, shards, features)
+    entry = {key: sum(e[key] for e in entries) for key in S.SPLIT_TOTALS}
     length = entries[0]["max_length"]
-    entry.update(max_length=length, packed=entries[0]["packed"],
-                 fill=entry["tokens"] / (entry["rows"] * length) if entry["rows"] else 0.0,
-                 lower_bound_rows=-(-entry["tokens"] // length), shards=shards)  # fmt: skip
+    entry.update(max_length=length, packed=entries[0]["packed"], fill=S.fill(entry["tokens"], entry["rows"], length),
+                 lower_bound_rows=S.lower_bound_rows(entry["tokens"], length), shards=shards)  # fmt: skip
     return entry
 
 
@@ -84,20 +75,19 @@ def merge(parts: list[str | Path], output: str | Path, *, overwrite: bool = Fals
     k = _check_parts(parts, manifests)
     order = sorted(range(k), key=lambda i: manifests[i]["config"]["shard_index"])
     parts, manifests = [parts[i] for i in order], [manifests[i] for i in order]
-    if output.exists() and any(output.iterdir()) and not overwrite and not (output / TMP_NAME).is_dir():
+    if (output / S.MANIFEST).exists() and not overwrite:
         raise ConfigError(f"{output}: exists and is not empty; use --overwrite")
-    work = output / TMP_NAME
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    out.check_target(output, overwrite=overwrite)
+    work = out.begin(output)
 
     splits = {}
     for name in manifests[0]["splits"]:
         splits[name] = _merge_split(name, parts, [m["splits"][name] for m in manifests], work)
     dropped = sorted(
-        (json.loads(line) for p in parts for line in (p / "dropped.jsonl").read_text().splitlines() if line.strip()),
+        (json.loads(line) for p in parts for line in (p / S.DROPPED).read_text().splitlines() if line.strip()),
         key=lambda d: d["index"],
     )
-    fsync_write(work / "dropped.jsonl", "".join(json.dumps(d) + "\n" for d in dropped).encode())
+    S.fsync_write(work / S.DROPPED, "".join(json.dumps(d) + "\n" for d in dropped).encode())
     reasons: Counter = Counter()
     for m in manifests:
         reasons.update(m["counts"]["dropped"])
@@ -114,12 +104,10 @@ def merge(parts: list[str | Path], output: str | Path, *, overwrite: bool = Fals
         "splits": splits,
         "merge": {
             "num_shards": k,
-            "parts": [{"path": str(p), "manifest_sha256": sha256_file(p / "manifest.json")} for p in parts],
+            "parts": [{"path": str(p), "manifest_sha256": S.sha256_file(p / S.MANIFEST)} for p in parts],
             # packing within each slice: rows above the merged split's global lower bound
             "extra_rows": {n: s["rows"] - s["lower_bound_rows"] for n, s in splits.items()},
         },
     }
-    _install(work, output)
-    fsync_write(output / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    work.rmdir()
+    out.install(work, output, manifest)
     return manifest

@@ -6,15 +6,14 @@ across byte-fallback tokens still read correctly; `--ids` lists the tokens one b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .encode import CATEGORY_NAMES, COMPLETION, PROMPT, TEMPLATE
-from .errors import ConfigError
-from .shards import iter_record_batches
+from .. import schema as S
+from ..errors import ConfigError
+from ..schema import CATEGORY_NAMES, COMPLETION, PROMPT, TEMPLATE
 
 STYLES = {TEMPLATE: "dim magenta", PROMPT: "cyan", COMPLETION: "bold green"}
 
@@ -22,19 +21,15 @@ STYLES = {TEMPLATE: "dim magenta", PROMPT: "cyan", COMPLETION: "bold green"}
 def read_row(directory: Path, split: str, index: int) -> dict[str, np.ndarray]:
     """Row `index` of a prepared split as numpy arrays."""
     folder = Path(directory) / split
-    if not (folder / "state.json").exists():
+    if not (folder / S.STATE).exists():
         raise ConfigError(f"{folder}: no such prepared split")
     seen = 0
-    for batch in iter_record_batches(folder):
+    for batch in S.iter_record_batches(folder):
         if index < seen + batch.num_rows:
             row = batch.slice(index - seen, 1).to_pylist()[0]
             return {k: np.asarray(v) for k, v in row.items()}
         seen += batch.num_rows
     raise ConfigError(f"{folder}: --index {index} out of range (the split has {seen} rows)")
-
-
-def categories(row: dict[str, np.ndarray]) -> np.ndarray:
-    return row["prompt_mask"] * PROMPT + row["completion_mask"] * COMPLETION
 
 
 def _runs(cats: np.ndarray) -> list[tuple[int, int]]:
@@ -49,19 +44,19 @@ def render_row(directory: Path, split: str, index: int, *, show_ids: bool = Fals
     from rich.table import Table
     from rich.text import Text
 
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
-    manifest = json.loads((Path(directory) / "manifest.json").read_text())
+    manifest = S.read_manifest(directory)
     tok = load_tokenizer(tokenizer or manifest["tokenizer"]["name_or_path"])
     row = read_row(directory, split, index)
-    ids, cats = row["input_ids"], categories(row)
+    ids, cats = row[S.INPUT_IDS], S.categories(row[S.PROMPT_MASK], row[S.COMPLETION_MASK])
     legend = Text.assemble(
-        f"{split}[{index}]: {len(ids)} tokens, {len(row['seq_lengths'])} example(s)   ",
+        f"{split}[{index}]: {len(ids)} tokens, {len(row[S.SEQ_LENGTHS])} example(s)   ",
         *[(f" {CATEGORY_NAMES[c]} ", STYLES[c] + " reverse") for c in (PROMPT, COMPLETION, TEMPLATE)],
     )
     parts: list[Any] = [legend]
     start = 0
-    for length, example in zip(row["seq_lengths"].tolist(), row["example_index"].tolist()):
+    for length, example in zip(row[S.SEQ_LENGTHS].tolist(), row[S.EXAMPLE_INDEX].tolist()):
         end = start + length
         counts = np.bincount(cats[start:end], minlength=3)
         header = (

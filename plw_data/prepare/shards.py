@@ -8,8 +8,6 @@ fsynced and renamed, so a crash never leaves a file that looks complete.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import mmap
 import os
 from collections.abc import Iterator
@@ -20,37 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .encode import COMPLETION, PROMPT, TEMPLATE, CountsBatch, EncodedBatch
+from .. import schema as S
+from ..schema import COMPLETION, PROMPT, TEMPLATE
+from .encode import CountsBatch, EncodedBatch
 from .pack import PackPlan
 
-COLUMNS = {
-    "input_ids": pa.int32(),
-    "prompt_mask": pa.uint8(),
-    "completion_mask": pa.uint8(),
-    "template_mask": pa.uint8(),
-    "seq_lengths": pa.int32(),
-    "example_index": pa.int64(),
-}
-SCHEMA = pa.schema([(name, pa.list_(t)) for name, t in COLUMNS.items()])
 ROWS_PER_BATCH = 256  # rows per Arrow record batch; also bounds the staging pages one gather maps
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_write(path: Path, data: bytes) -> None:
-    """Write a small file atomically: temp name, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Stage:
@@ -123,30 +96,16 @@ def _record_batch(
     cats = np.asarray(staged.category[gather])
     item_ends = np.concatenate(([0], np.cumsum(lengths)))
     token_offsets = item_ends[row_starts]
-    batch = pa.RecordBatch.from_arrays(
-        [
-            _list(token_offsets, ids, pa.int32()),
-            _list(token_offsets, (cats == PROMPT).view(np.uint8), pa.uint8()),
-            _list(token_offsets, (cats == COMPLETION).view(np.uint8), pa.uint8()),
-            _list(token_offsets, (cats == TEMPLATE).view(np.uint8), pa.uint8()),
-            _list(row_starts, lengths.astype(np.int32), pa.int32()),
-            _list(row_starts, staged.example_index[items], pa.int64()),
-        ],
-        schema=SCHEMA,
-    )
+    columns = {
+        S.INPUT_IDS: _list(token_offsets, ids, pa.int32()),
+        S.PROMPT_MASK: _list(token_offsets, (cats == PROMPT).view(np.uint8), pa.uint8()),
+        S.COMPLETION_MASK: _list(token_offsets, (cats == COMPLETION).view(np.uint8), pa.uint8()),
+        S.TEMPLATE_MASK: _list(token_offsets, (cats == TEMPLATE).view(np.uint8), pa.uint8()),
+        S.SEQ_LENGTHS: _list(row_starts, lengths.astype(np.int32), pa.int32()),
+        S.EXAMPLE_INDEX: _list(row_starts, staged.example_index[items], pa.int64()),
+    }
+    batch = pa.RecordBatch.from_arrays([columns[name] for name in S.SCHEMA.names], schema=S.SCHEMA)
     return batch, np.bincount(cats, minlength=3)
-
-
-def _features_json() -> tuple[dict[str, Any], dict[bytes, bytes]]:
-    """The `datasets` feature description of SCHEMA, in the installed version's own dialect."""
-    import datasets
-
-    features = datasets.Features(
-        {name: datasets.List(datasets.Value(str(t))) for name, t in COLUMNS.items()}
-        if hasattr(datasets, "List")
-        else {name: datasets.Sequence(datasets.Value(str(t))) for name, t in COLUMNS.items()}
-    )
-    return features.to_dict(), features.arrow_schema.metadata
 
 
 def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan: PackPlan, *, max_length: int,
@@ -161,8 +120,8 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
     n_shards = max(1, int(np.ceil(cum[-1] / shard_tokens))) if plan.n_rows else 1
     bounds = np.searchsorted(cum[:-1], np.arange(n_shards + 1) * shard_tokens, side="left")
     bounds[-1] = plan.n_rows
-    features, metadata = _features_json()
-    schema = SCHEMA.with_metadata(metadata)
+    features, metadata = S.features_json()
+    schema = S.SCHEMA.with_metadata(metadata)
     shards, per_cat = [], np.zeros(3, np.int64)
     for k in range(n_shards):
         name = f"data-{k:05d}-of-{n_shards:05d}.arrow"
@@ -181,20 +140,8 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
             os.fsync(f.fileno())
         os.replace(tmp, folder / name)
         path = folder / name
-        shards.append({"file": name, "rows": r1 - r0, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-    fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
-    state = {
-        "_data_files": [{"filename": s["file"]} for s in shards],
-        "_fingerprint": fingerprint,
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": None,
-    }
-    info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
-    fsync_write(folder / "dataset_info.json", json.dumps(info, indent=2).encode())
-    fsync_write(folder / "state.json", json.dumps(state, indent=2).encode())
+        shards.append({"file": name, "rows": r1 - r0, "bytes": path.stat().st_size, "sha256": S.sha256_file(path)})
+    S.write_split_metadata(folder, shards, features)
     tokens = int(cum[-1])
     rows = plan.n_rows
     return {
@@ -206,36 +153,19 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
         "template_tokens": int(per_cat[TEMPLATE]),
         "max_length": max_length,
         "packed": packed,
-        "fill": tokens / (rows * max_length) if rows else 0.0,
-        "lower_bound_rows": -(-tokens // max_length),
+        "fill": S.fill(tokens, rows, max_length),
+        "lower_bound_rows": S.lower_bound_rows(tokens, max_length),
         "shards": shards,
     }
 
 
-def split_files(folder: Path) -> list[Path]:
-    state = json.loads((folder / "state.json").read_text())
-    return [folder / f["filename"] for f in state["_data_files"]]
-
-
-def iter_record_batches(folder: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Memory-mapped read of a split, batch by batch."""
-    for path in split_files(folder):
-        with pa.memory_map(str(path), "r") as source:
-            for batch in pa.ipc.open_stream(source):
-                yield batch.select(columns) if columns else batch
-
-
-def _flat(batch: pa.RecordBatch, name: str) -> np.ndarray:
-    return batch.column(name).flatten().to_numpy(zero_copy_only=False)
-
-
 def iter_split_counts(folder: Path, split: str = "train") -> Iterator[CountsBatch]:
     """Per-example template/prompt/completion token counts of a prepared split, from its masks."""
-    cols = ["prompt_mask", "completion_mask", "template_mask", "seq_lengths", "example_index"]
-    for batch in iter_record_batches(Path(folder) / split, cols):
-        seq = _flat(batch, "seq_lengths").astype(np.int64)
+    cols = [*S.MASK_COLUMNS, S.SEQ_LENGTHS, S.EXAMPLE_INDEX]
+    for batch in S.iter_record_batches(Path(folder) / split, cols):
+        seq = S.flat_values(batch, S.SEQ_LENGTHS).astype(np.int64)
         if not len(seq):
             continue
         starts = np.concatenate(([0], np.cumsum(seq)[:-1]))
-        count = lambda name: np.add.reduceat(_flat(batch, name).astype(np.int64), starts)
-        yield CountsBatch(_flat(batch, "example_index"), count("template_mask"), count("prompt_mask"), count("completion_mask"))
+        count = lambda name: np.add.reduceat(S.flat_values(batch, name).astype(np.int64), starts)
+        yield CountsBatch(S.flat_values(batch, S.EXAMPLE_INDEX), *(count(m) for m in S.MASK_COLUMNS))

@@ -18,19 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .errors import ConfigError, PLWError
-from .shards import COLUMNS, SCHEMA, sha256_file
+from .. import schema as S
+from ..errors import ConfigError, PLWError
+from ..schema import COUNT_KEYS, INPUT_KEYS, SHARD_KEYS, SPLIT_KEYS, TOKENIZER_KEYS, TOP_KEYS
 
-FORMAT_VERSION = 1
-MASKS = ("prompt_mask", "completion_mask", "template_mask")
-TOTALS = ("rows", "examples", "tokens", "prompt_tokens", "completion_tokens", "template_tokens")
-# Keys CONTRACT §2 promises, per level of the manifest.
-TOP_KEYS = ("format_version", "created_by", "config", "tokenizer", "inputs", "counts", "splits")
-TOKENIZER_KEYS = ("name_or_path", "sha256", "vocab_size", "chat_template_sha256")
-INPUT_KEYS = ("path", "sha256", "rows")
-COUNT_KEYS = ("input_rows", "kept", "dropped")
-SPLIT_KEYS = (*TOTALS, "max_length", "packed", "fill", "lower_bound_rows", "shards")
-SHARD_KEYS = ("file", "rows", "bytes", "sha256")
+MASKS = (S.PROMPT_MASK, S.COMPLETION_MASK, S.TEMPLATE_MASK)
+TOTALS = S.SPLIT_TOTALS
 INT_KEYS = {"vocab_size", "input_rows", "kept", "max_length", "lower_bound_rows", "bytes", *TOTALS}
 
 
@@ -78,16 +71,11 @@ def _require(obj: Any, keys: tuple[str, ...], where: str) -> None:
 
 def load_manifest(d: Path) -> dict[str, Any]:
     """The manifest, with every contract key present and its counts consistent with themselves."""
-    path = d / "manifest.json"
-    if not path.is_file():
-        raise PLWError(f"{path}: missing: not a prepared directory, or prepare did not finish")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PLWError(f"{path}: not valid JSON: {e}") from None
+    path = d / S.MANIFEST
+    m = S.read_manifest(d)
     _require(m, TOP_KEYS, str(path))
-    if m["format_version"] != FORMAT_VERSION:
-        raise PLWError(f"{path}: format_version {m['format_version']!r} is not {FORMAT_VERSION}")
+    if m["format_version"] != S.FORMAT_VERSION:
+        raise PLWError(f"{path}: format_version {m['format_version']!r} is not {S.FORMAT_VERSION}")
     _require(m["config"], (), f"{path}: config")
     _require(m["tokenizer"], TOKENIZER_KEYS, f"{path}: tokenizer")
     if not isinstance(m["inputs"], list) or not m["inputs"]:
@@ -126,21 +114,21 @@ def _check_split_entry(path: Path, name: str, s: Any, config: dict[str, Any]) ->
     checks = {
         "tokens": (s["tokens"], s["prompt_tokens"] + s["completion_tokens"] + s["template_tokens"], "prompt + completion + template tokens"),
         "rows": (s["rows"], sum(sh["rows"] for sh in s["shards"]), "the sum of its shards' rows"),
-        "lower_bound_rows": (s["lower_bound_rows"], -(-s["tokens"] // s["max_length"]), "ceil(tokens / max_length)"),
+        "lower_bound_rows": (s["lower_bound_rows"], S.lower_bound_rows(s["tokens"], s["max_length"]), "ceil(tokens / max_length)"),
         "max_length": (s["max_length"], config.get("max_length", s["max_length"]), "config.max_length"),
         "packed": (s["packed"], config.get("pack", s["packed"]), "config.pack"),
     }
     for key, (got, want, what) in checks.items():
         if got != want:
             raise PLWError(f"{where}.{key} is {got!r}, but {what} is {want!r}")
-    fill = s["tokens"] / (s["rows"] * s["max_length"]) if s["rows"] else 0.0
+    fill = S.fill(s["tokens"], s["rows"], s["max_length"])
     if not isinstance(s["fill"], (int, float)) or not math.isclose(s["fill"], fill, rel_tol=1e-9, abs_tol=1e-12):
         raise PLWError(f"{where}.fill is {s['fill']!r}, but tokens / (rows * max_length) is {fill!r}")
 
 
 def read_dropped(d: Path, m: dict[str, Any]) -> np.ndarray:
     """Indices in dropped.jsonl; its reasons must count up to the manifest's counts.dropped."""
-    path = d / "dropped.jsonl"
+    path = d / S.DROPPED
     if not path.is_file():
         raise PLWError(f"{path}: missing")
     indices: list[int] = []
@@ -170,7 +158,7 @@ def read_dropped(d: Path, m: dict[str, Any]) -> np.ndarray:
 
 def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None) -> str:
     """The tokenizer's fingerprint must equal the manifest's (all keys but its name or path)."""
-    from .tokenizer import load_tokenizer, tokenizer_fingerprint
+    from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 
     claimed = m["tokenizer"]
     trust = bool(m["config"].get("trust_remote_code", False))
@@ -188,7 +176,7 @@ def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None) -> str:
     actual = tokenizer_fingerprint(tok, spec)
     for key, want in claimed.items():
         if key != "name_or_path" and key in actual and actual[key] != want:
-            raise PLWError(f"{d / 'manifest.json'}: tokenizer.{key} is {want!r}, but {spec} gives {actual[key]!r}")
+            raise PLWError(f"{d / S.MANIFEST}: tokenizer.{key} is {want!r}, but {spec} gives {actual[key]!r}")
     return f"tokenizer: {spec} matches the manifest's fingerprint (sha256 {claimed['sha256'][:12]}...)"
 
 
@@ -204,18 +192,18 @@ def check_files(folder: Path, split: dict[str, Any]) -> None:
         size = path.stat().st_size
         if size != sh["bytes"]:
             raise PLWError(f"{path}: {size} bytes, manifest says {sh['bytes']}")
-        digest = sha256_file(path)
+        digest = S.sha256_file(path)
         if digest != sh["sha256"]:
             raise PLWError(f"{path}: sha256 {digest} does not match the manifest's {sh['sha256']}")
-    state = folder / "state.json"
+    state = folder / S.STATE
     try:
         listed = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PLWError(f"{state}: unreadable ({type(e).__name__}: {e}); datasets.load_from_disk needs it") from None
     if listed != [sh["file"] for sh in split["shards"]]:
         raise PLWError(f"{state}: lists {listed}, manifest.json lists {[sh['file'] for sh in split['shards']]}")
-    if not (folder / "dataset_info.json").is_file():
-        raise PLWError(f"{folder / 'dataset_info.json'}: missing; datasets.load_from_disk needs it")
+    if not (folder / S.DATASET_INFO).is_file():
+        raise PLWError(f"{folder / S.DATASET_INFO}: missing; datasets.load_from_disk needs it")
 
 
 # -- rows --------------------------------------------------------------------------------------
@@ -227,9 +215,9 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch]:
         with pa.memory_map(str(path), "r") as source:
             reader = pa.ipc.open_stream(source)
             names = reader.schema.names
-            if names != SCHEMA.names:
-                raise PLWError(f"{path}: columns {names}, expected {SCHEMA.names}")
-            for field in SCHEMA:
+            if names != S.SCHEMA.names:
+                raise PLWError(f"{path}: columns {names}, expected {S.SCHEMA.names}")
+            for field in S.SCHEMA:
                 got = reader.schema.field(field.name).type
                 if got != field.type:
                     raise PLWError(f"{path}: column {field.name}: type {got}, expected {field.type}")
@@ -252,7 +240,7 @@ def check_batch(batch: pa.RecordBatch, where: str, row0: int, *, max_length: int
         return PLWError(f"{where}: row {row0 + row}, column {column}: {what}")
 
     lengths, flat = {}, {}
-    for name in COLUMNS:
+    for name in S.COLUMNS:
         col = batch.column(name)
         values = col.flatten()
         offsets = col.offsets.to_numpy().astype(np.int64)
@@ -263,33 +251,33 @@ def check_batch(batch: pa.RecordBatch, where: str, row0: int, *, max_length: int
             raise fail(r, name, f"value {k} is null")
         lengths[name] = np.diff(offsets)
         flat[name] = values.to_numpy(zero_copy_only=False)
-    n_tok, n_seq = lengths["input_ids"], lengths["seq_lengths"]
-    for name in (*MASKS, "example_index"):
-        ref = "seq_lengths" if name == "example_index" else "input_ids"
+    n_tok, n_seq = lengths[S.INPUT_IDS], lengths[S.SEQ_LENGTHS]
+    for name in (*MASKS, S.EXAMPLE_INDEX):
+        ref = S.SEQ_LENGTHS if name == S.EXAMPLE_INDEX else S.INPUT_IDS
         bad = np.flatnonzero(lengths[name] != lengths[ref])
         if len(bad):
             r = int(bad[0])
             raise fail(r, name, f"{lengths[name][r]} values, {ref} has {lengths[ref][r]}")
     for bad, column, what in (
-        (n_tok < 1, "input_ids", "empty row"),
-        (n_tok > max_length, "input_ids", f"longer than max_length {max_length}"),
-        (n_seq < 1, "seq_lengths", "no example"),
-        ((n_seq > 1) & (not packed), "seq_lengths", "several examples in an unpacked split"),
+        (n_tok < 1, S.INPUT_IDS, "empty row"),
+        (n_tok > max_length, S.INPUT_IDS, f"longer than max_length {max_length}"),
+        (n_seq < 1, S.SEQ_LENGTHS, "no example"),
+        ((n_seq > 1) & (not packed), S.SEQ_LENGTHS, "several examples in an unpacked split"),
     ):
         if bad.any():
             r = int(np.argmax(bad))
             raise fail(r, column, f"{what} ({n_tok[r]} tokens, {n_seq[r]} examples)")
-    seq = flat["seq_lengths"].astype(np.int64)
+    seq = flat[S.SEQ_LENGTHS].astype(np.int64)
     seq_off = np.concatenate(([0], np.cumsum(n_seq)))
     if (seq < 1).any():
         r, k = _row_of(seq_off, int(np.argmax(seq < 1)))
-        raise fail(r, "seq_lengths", f"entry {k} is {seq[seq_off[r] + k]}; every example has at least one token")
+        raise fail(r, S.SEQ_LENGTHS, f"entry {k} is {seq[seq_off[r] + k]}; every example has at least one token")
     csum = np.concatenate(([0], np.cumsum(seq)))
     sums = csum[seq_off[1:]] - csum[seq_off[:-1]]
     bad = np.flatnonzero(sums != n_tok)
     if len(bad):
         r = int(bad[0])
-        raise fail(r, "seq_lengths", f"sums to {sums[r]}, but the row has {n_tok[r]} tokens")
+        raise fail(r, S.SEQ_LENGTHS, f"sums to {sums[r]}, but the row has {n_tok[r]} tokens")
     tok_off = np.concatenate(([0], np.cumsum(n_tok)))
     p, c, t = (flat[name].astype(np.int16) for name in MASKS)
     bad = np.flatnonzero(p + c + t != 1)  # non-negative integers summing to 1: exactly one mask is 1
@@ -298,13 +286,13 @@ def check_batch(batch: pa.RecordBatch, where: str, row0: int, *, max_length: int
         r, k = _row_of(tok_off, pos)
         masks = ", ".join(f"{name}={v[pos]}" for name, v in zip(MASKS, (p, c, t)))
         raise fail(r, "/".join(MASKS), f"token {k} has {masks}; exactly one must be 1")
-    ids = flat["input_ids"]
+    ids = flat[S.INPUT_IDS]
     bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
     if len(bad):
         r, k = _row_of(tok_off, int(bad[0]))
-        raise fail(r, "input_ids", f"token {k} is id {ids[bad[0]]}, outside the vocabulary [0, {vocab_size})")
+        raise fail(r, S.INPUT_IDS, f"token {k} is id {ids[bad[0]]}, outside the vocabulary [0, {vocab_size})")
     totals = np.array([len(ids), p.sum(), c.sum(), t.sum()], np.int64)
-    return totals, flat["example_index"].astype(np.int64)
+    return totals, flat[S.EXAMPLE_INDEX].astype(np.int64)
 
 
 def check_split(folder: Path, split: dict[str, Any], vocab_size: int) -> np.ndarray:
@@ -343,7 +331,7 @@ def check_coverage(d: Path, m: dict[str, Any], sources: list[tuple[str, np.ndarr
     expected = np.arange(k, total, k_shards, dtype=np.int64)
     if len(expected) != m["counts"]["input_rows"]:
         raise PLWError(
-            f"{d / 'manifest.json'}: counts.input_rows {m['counts']['input_rows']}, but inputs hold "
+            f"{d / S.MANIFEST}: counts.input_rows {m['counts']['input_rows']}, but inputs hold "
             f"{len(expected)} rows for this job"
         )
     for name, idx in sources:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Kind = Literal["constant", "linear", "cosine", "step"]
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -91,7 +91,7 @@ def parse_schedule(spec: str | float | int, *, name: str = "prompt_loss_weight")
     try:
         schedule = _parse(text)
     except ValueError as e:
-        raise ConfigError(f"--{name.replace('_', '-')} {spec!r}: {e} (grammar: see plw_data/schedule.py)") from None
+        raise ConfigError(f"--{name.replace('_', '-')} {spec!r}: {e} (grammar: docs/training.md)") from None
     bad = [v for v in schedule.values if not (math.isfinite(v) and v >= 0)]
     if bad:
         raise ConfigError(f"--{name.replace('_', '-')} {spec!r}: weights must be finite and >= 0, got {bad[0]}")

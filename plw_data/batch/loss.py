@@ -1,7 +1,7 @@
 """The prompt-loss-weighted cross-entropy, from final hidden states, without full logits.
 
 Shift convention (as transformers): ``labels`` and ``loss_weights`` are aligned with ``input_ids``
-(see :class:`plw_data.collate.PLWCollator`); the hidden state at position t predicts ``labels[t+1]``
+(see :class:`plw_data.batch.collate.PLWCollator`); the hidden state at position t predicts ``labels[t+1]``
 with weight ``loss_weights[t+1]``. So ``hidden[:, :-1]`` pairs with ``labels[:, 1:]`` and position 0
 is never a target. A target counts when its label is not -100 and its weight is not 0.
 
@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from ..schema import IGNORE_INDEX
+
 #: The automatic chunk holds at most this many logits (128 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 25
 

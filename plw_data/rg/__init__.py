@@ -1,0 +1,1 @@
+"""Generation-ratio (Rg) statistics: `measure` counts, `stats` summarises, `plot` draws."""

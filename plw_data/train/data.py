@@ -1,0 +1,103 @@
+"""The data side of a run: prepared splits, micro-batches, and the tokenizer's closing tokens."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import schema as S
+from ..errors import ConfigError, PLWError
+from .config import TrainConfig
+
+def load_split(path: Path, what: str):
+    from datasets import load_from_disk
+
+    if not path.is_dir():
+        raise ConfigError(f"{path}: {what} split not found (expected a folder from plw-data prepare)")
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for a foreign folder
+        raise ConfigError(f"{path}: cannot load the {what} split: {e}") from None
+    missing = set(S.COLUMNS) - set(ds.column_names)
+    if missing:
+        raise ConfigError(f"{path}: the {what} split lacks field(s) {', '.join(sorted(missing))}")
+    if len(ds) == 0:
+        raise ConfigError(f"{path}: the {what} split is empty")
+    return ds
+
+
+def eval_path(cfg: TrainConfig) -> Path | None:
+    if cfg.eval_data:
+        return Path(cfg.eval_data)
+    default = Path(cfg.data) / "eval"
+    return default if default.is_dir() else None
+
+
+def collate_rows(collate, dataset, indices: np.ndarray, fallback: int):
+    """Collate ``indices`` of ``dataset``; an empty slot becomes one row with every target removed."""
+    if len(indices):
+        return collate(dataset[[int(i) for i in indices]])
+    batch = collate(dataset[[fallback]])
+    batch["labels"].fill_(S.IGNORE_INDEX)
+    batch["loss_weights"].zero_()
+    return batch
+
+
+def target_weight(batch) -> float:
+    w = batch["loss_weights"][:, 1:].double() * (batch["labels"][:, 1:] != S.IGNORE_INDEX)
+    return float(w.sum())
+
+
+def model_kwargs(batch, device, *, with_weights: bool) -> dict[str, Any]:
+    keys = ["input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"]
+    if with_weights:
+        keys.append("loss_weights")
+    return {k: batch[k].to(device) if hasattr(batch[k], "to") else batch[k] for k in keys if k in batch}
+
+
+# --------------------------------------------------------------------------- special tokens
+
+
+def closing_token_ids(cfg: TrainConfig, model_config) -> list[int]:
+    """Ids of special tokens that may close a completion (left out of answer accuracy)."""
+    ids: set[int] = set()
+    for src in (model_config, getattr(model_config, "generation_config", None)):
+        eos = getattr(src, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    tok = run_tokenizer(cfg)
+    if tok is not None:
+        ids.update(int(i) for i in tok.all_special_ids)
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+    return sorted(ids)
+
+
+def _tokenizer_source(cfg: TrainConfig) -> str:
+    """--tokenizer, else the prepared data's tokenizer (manifest) when local, else the model's."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    try:
+        name = S.read_manifest(cfg.data)["tokenizer"]["name_or_path"]
+    except (PLWError, KeyError, TypeError):
+        name = None
+    return name if isinstance(name, str) and Path(name).exists() else str(cfg.model)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(spec: str):
+    from ..tokenizer import load_tokenizer
+
+    return load_tokenizer(spec, fast=False)
+
+
+def run_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer (see ``--tokenizer``), or None when none loads."""
+    try:
+        return _cached_tokenizer(_tokenizer_source(cfg))
+    except PLWError:
+        if cfg.tokenizer:
+            raise ConfigError(f"--tokenizer {cfg.tokenizer}: cannot load a tokenizer") from None
+        return None
