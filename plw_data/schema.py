@@ -37,6 +37,9 @@ FORMAT_VERSION = 1
 # -- categories: every token has exactly one ------------------------------------------------
 TEMPLATE, PROMPT, COMPLETION = 0, 1, 2
 CATEGORY_NAMES = ("template", "prompt", "completion")  # indexed by code
+#: Encoder/staging code of a completion token inside an assistant turn's reasoning. On disk it is a
+#: completion token (completion_mask 1) that also has reasoning_mask 1.
+REASONING = 3
 IGNORE_INDEX = -100  # label of a token that is not a target (transformers' convention)
 
 # -- columns ----------------------------------------------------------------------------------
@@ -56,8 +59,26 @@ COLUMNS: dict[str, pa.DataType] = {
     EXAMPLE_INDEX: pa.int64(),
 }
 SCHEMA = pa.schema([(name, pa.list_(t)) for name, t in COLUMNS.items()])
+
+#: Optional columns, after the required ones in this order when present. A DIR has one of them only
+#: when some example needs it, so older directories (and data without reasoning, per-message weights
+#: or sources) are unchanged.
+REASONING_MASK = "reasoning_mask"  # per token, uint8: 1 on reasoning tokens (a subset of completion)
+MESSAGE_WEIGHT = "message_weight"  # per token, float32 multiplier from a message's "weight"; null row = all 1
+SOURCE_INDEX = "source_index"  # per example, int16: the example's source in manifest["sources"] order
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    REASONING_MASK: pa.uint8(),
+    MESSAGE_WEIGHT: pa.float32(),
+    SOURCE_INDEX: pa.int16(),
+}
 #: Columns with one value per token (the rest have one per example, aligned with seq_lengths).
-TOKEN_COLUMNS = (INPUT_IDS, PROMPT_MASK, COMPLETION_MASK, TEMPLATE_MASK)
+TOKEN_COLUMNS = (INPUT_IDS, PROMPT_MASK, COMPLETION_MASK, TEMPLATE_MASK, REASONING_MASK, MESSAGE_WEIGHT)
+
+
+def schema_with(optional: list[str] | tuple[str, ...] = ()) -> pa.Schema:
+    """The Arrow schema of a split holding the required columns plus ``optional`` ones."""
+    extra = [(name, pa.list_(t)) for name, t in OPTIONAL_COLUMNS.items() if name in optional]
+    return pa.schema([*SCHEMA, *extra])
 
 # -- files ------------------------------------------------------------------------------------
 MANIFEST = "manifest.json"

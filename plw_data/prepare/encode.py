@@ -46,9 +46,11 @@ class EncodedBatch:
     example_index: np.ndarray  # int64 [n]
     lengths: np.ndarray  # int64 [n]
     input_ids: np.ndarray  # int32 [sum(lengths)]
-    category: np.ndarray  # uint8 [sum(lengths)]: TEMPLATE, PROMPT or COMPLETION
+    category: np.ndarray  # uint8 [sum(lengths)]: TEMPLATE, PROMPT, COMPLETION or REASONING (schema codes)
     truncated: int = 0
     dropped: list[tuple[int, str, int, RowError]] = field(default_factory=list)  # (index, file, row, error)
+    weight: np.ndarray | None = None  # float32 [sum(lengths)]: per-message weight multipliers; None: all 1
+    source: np.ndarray | None = None  # int16 [n]: source of each example in a mixture; None: one source
 
     def counts(self) -> CountsBatch:
         dropped: dict[str, int] = {}
