@@ -250,13 +250,16 @@ def prepare(
     finally:
         bar.close()
 
+    needed = {c for staged, _ in splits.values() for c in staged.optional_columns()}
+    optional = tuple(c for c in S.OPTIONAL_COLUMNS if c in needed)
     split_entries = {}
     for name, (staged, members) in splits.items():
         t_plan = time.perf_counter()
         plan = _plan(staged, members, cfg)
         log(f"{name}: planned {plan.n_rows:,} rows for {len(members):,} examples in {time.perf_counter() - t_plan:.2f}s")
         split_entries[name] = write_split(
-            work / name, staged, members, plan, max_length=cfg.max_length, packed=cfg.pack, shard_tokens=cfg.shard_tokens
+            work / name, staged, members, plan, max_length=cfg.max_length, packed=cfg.pack, shard_tokens=cfg.shard_tokens,
+            optional=optional,
         )
 
     dropped.sort(key=lambda d: d[0])

@@ -250,11 +250,11 @@ class Trainer:
             return_example_ids=eval_mode,
         )
 
-    def _weights(self, step: int) -> tuple[float, float | None, float]:
-        """(PLW, template weight or None for "= PLW", completion weight) at update ``step``."""
+    def _weights(self, step: int) -> tuple[float, float | None, float, float]:
+        """(PLW, template weight or None for "= PLW", completion, reasoning weight) at update ``step``."""
         at = (step, self.total_steps, self.steps_per_epoch)
         template = None if self.template is None else self.template.value(*at)
-        return self.plw.value(*at), template, self.cfg.completion_weight
+        return self.plw.value(*at), template, self.cfg.completion_weight, self.cfg.reasoning_weight
 
     def train_step(self) -> Event:
         """One update: collate the window, all-reduce Σw, then forward/backward each micro-batch."""
