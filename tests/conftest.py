@@ -61,18 +61,18 @@ def tiny_llama_config(**overrides):
     """The tests' tiny Llama: 2 layers of width 64 over the SmolLM2 vocabulary, tied embeddings."""
     from transformers import LlamaConfig
 
-    base = dict(
-        vocab_size=SMOL_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,  # as SmolLM2
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    base = {
+        "vocab_size": SMOL_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,  # as SmolLM2
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     return LlamaConfig(**{**base, **overrides})
 
 

@@ -68,9 +68,10 @@ def test_prepare_help_names_the_argument_and_shows_only_real_defaults():
     assert "[default: on]" in line
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
+def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, *code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    cmd = [sys.executable, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=False)
 
 
 def test_python_m_plw_data_version():

@@ -272,7 +272,7 @@ def _category(cols: dict[str, list], row_len: np.ndarray) -> np.ndarray:
         token = i - int(row_len[:row].sum())
         values = {f: int(m[i]) for f, m in zip(_MASKS, (template, prompt, completion))}
         raise ValueError(
-            f"row {row}, token {token}: fields {'/'.join((S.PROMPT_MASK, S.COMPLETION_MASK, S.TEMPLATE_MASK))} must have exactly "
+            f"row {row}, token {token}: fields {S.PROMPT_MASK}/{S.COMPLETION_MASK}/{S.TEMPLATE_MASK} must have exactly "
             f"one 1 per token, got {values}"
         )
     return (prompt + 2 * completion).astype(np.int8)
