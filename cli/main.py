@@ -52,7 +52,7 @@ def _prepare(inputs: list[str], output: Path, recipe: Optional[Path] = None, ove
 
 app.command("prepare")(o.command(o.handle_errors(_prepare), [
     o.param("inputs", Annotated[list[str], typer.Argument(
-        help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset.", show_default=False)]),
+        metavar="INPUTS", help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset.", show_default=False)]),
     o.param("output", Annotated[Path, typer.Option("--output", "-o", help="Output directory.", show_default=False)]),
     o.param("recipe", o.Recipe, None),
     o.param("overwrite", Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")], False),
@@ -64,7 +64,7 @@ app.command("prepare")(o.command(o.handle_errors(_prepare), [
 @app.command()
 @o.handle_errors
 def inspect(
-    directory: Annotated[Path, typer.Argument(help="A prepared directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A prepared directory.")],
     split: Annotated[str, typer.Option("--split")] = "train",
     index: Annotated[int, typer.Option("--index", "-i", help="Row number within the split.")] = 0,
     ids: Annotated[bool, typer.Option("--ids", help="Also list every token with its id and category.")] = False,
@@ -81,7 +81,7 @@ def inspect(
 @app.command()
 @o.handle_errors
 def verify(
-    directory: Annotated[Path, typer.Argument(help="A prepared directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A prepared directory.")],
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="Check against this tokenizer.")] = None,
 ) -> None:
     """Check a prepared directory: manifest, checksums, schema, masks, totals, row coverage, tokenizer."""
@@ -95,7 +95,7 @@ def verify(
 @app.command()
 @o.handle_errors
 def merge(
-    parts: Annotated[list[Path], typer.Argument(help="The K outputs of prepare --num-shards K --shard-index 0..K-1.")],
+    parts: Annotated[list[Path], typer.Argument(metavar="PARTS", help="The K outputs of prepare --num-shards K --shard-index 0..K-1.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Merged directory.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUTPUT.")] = False,
 ) -> None:
