@@ -12,7 +12,7 @@ source, as ``{"race": 0.01, "alpaca": 1.0}`` with ``sources`` naming the manifes
     weight     0   p p p  p  c·r ... c c  c  | 0   P P  P  c c  c     p = PLW[race], P = PLW[alpaca]
                                                (first token of each example: never a target)
 ``labels`` and ``loss_weights`` are aligned with ``input_ids``; the loss shifts by one as
-transformers does (hidden state t predicts token t+1), see :mod:`plw_data.loss`. The first token of
+transformers does (hidden state t predicts token t+1), see :mod:`plw_data.batch.loss`. The first token of
 every example is never a target: nothing of its own example precedes it.
 
 Layout. Rows are right-padded to the longest row (optionally a multiple of ``pad_to_multiple_of``).
