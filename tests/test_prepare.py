@@ -96,10 +96,10 @@ def test_dropped_rows_cross_worker_processes(tmp_path: Path) -> None:
 def test_on_error_fail_names_file_row_and_field(tmp_path: Path) -> None:
     src = tmp_path / "broken.jsonl"
     write_broken(src)
-    with pytest.raises(PLWError, match=rf"{src}: row 1: malformed_json"):
+    with pytest.raises(PLWError, match=rf"{src}: line 2: malformed_json"):
         prepare([str(src)], race_cfg(on_error="fail"), tmp_path / "o1", progress=False)
     src.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "question": {"a": 1}}) + "\n")
-    with pytest.raises(PLWError, match=r"row 1, field 'question': wrong_type"):
+    with pytest.raises(PLWError, match=r"line 2, field 'question': wrong_type"):
         prepare([str(src)], race_cfg(on_error="fail"), tmp_path / "o2", progress=False)
 
 

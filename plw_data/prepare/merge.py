@@ -75,9 +75,9 @@ def merge(parts: list[str | Path], output: str | Path, *, overwrite: bool = Fals
     k = _check_parts(parts, manifests)
     order = sorted(range(k), key=lambda i: manifests[i]["config"]["shard_index"])
     parts, manifests = [parts[i] for i in order], [manifests[i] for i in order]
+    out.check_target(output, overwrite=overwrite)
     if (output / S.MANIFEST).exists() and not overwrite:
         raise ConfigError(f"{output}: exists and is not empty; use --overwrite")
-    out.check_target(output, overwrite=overwrite)
     work = out.begin(output)
 
     splits = {}

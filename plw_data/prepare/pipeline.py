@@ -32,7 +32,7 @@ from .encode import EncodedBatch, Encoder
 from .formats import convert
 from .pack import plan_packing, plan_unpacked
 from .shards import Stage, StagedExamples, write_split
-from .sources import RawRow, file_sha256, iter_rows
+from .sources import RawRow, file_sha256, iter_rows, row_label
 
 # -- encoding, in order, in 1 or N processes ----------------------------------------------------
 
@@ -148,7 +148,7 @@ def _stage_inputs(
     for batch in encoded_batches(inputs, cfg, tok, start_index=start_index, per_file=per_file):
         if batch.dropped and cfg.on_error == "fail":
             index, file, row, err = batch.dropped[0]
-            raise PLWError(err.located(file, row))
+            raise PLWError(err.located(file, row_label(file, row)))
         stage.append(batch)
         dropped.extend(batch.dropped)
         rows += len(batch.lengths) + len(batch.dropped)
@@ -163,6 +163,15 @@ def _eval_members(n: int, fraction: float, seed: int) -> np.ndarray:
     if fraction and n > 1:
         k = min(max(k, 1), n - 1)
     return np.sort(np.random.default_rng([seed, 1]).permutation(n)[:k])
+
+
+def _nothing_kept(n_rows: int, dropped: list) -> str:
+    """The error of a run that kept no row: the reasons, and the first dropped row located."""
+    if not dropped:
+        return f"no row kept: the inputs hold {n_rows} rows"
+    reasons = ", ".join(f"{r} {n}" for r, n in Counter(e.reason for *_, e in dropped).most_common())
+    _, file, row, err = min(dropped, key=lambda d: d[0])
+    return f"no row kept: all {n_rows} input rows were dropped ({reasons}); first: {err.located(file, row_label(file, row))}"
 
 
 def _plan(staged: StagedExamples, members: np.ndarray, cfg: DataConfig):
@@ -215,13 +224,14 @@ def prepare(
     Encoder(tok, cfg)  # fail fast on a config the tokenizer cannot serve
     core = _manifest_core(inputs, cfg, tokenizer_fingerprint(tok, cfg.tokenizer))
     output = Path(output)
+    out.check_target(output, overwrite=overwrite)
     if (output / S.MANIFEST).exists() and not overwrite:
         old = S.read_manifest(output)
         if _same_data(old, core, cfg):
             log(f"{output}: already prepared with this config, tokenizer and inputs; nothing to do")
             return old
         raise ConfigError(f"{output}: holds data prepared with another config, tokenizer or inputs; use --overwrite")
-    out.check_target(output, overwrite=overwrite)
+    fresh = not output.exists()
     work = out.begin(output)
 
     bar = Progress(progress)
@@ -247,6 +257,11 @@ def prepare(
                 splits["eval"] = (train, ev_members)
             else:
                 splits["train"] = (train, members)
+        if not any(len(staged.lengths) for staged, _ in splits.values()):
+            raise PLWError(_nothing_kept(n_train_rows + n_eval_rows, dropped))
+    except PLWError:
+        out.discard(work, output, remove_output=fresh)
+        raise
     finally:
         bar.close()
 
