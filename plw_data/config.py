@@ -61,6 +61,13 @@ class DataConfig:
     num_shards: int = option(1, "Split the job over K machines (see plw-data merge)...", group="prepare")
     shard_index: int = option(0, "...this one prepares slice i of K.", group="prepare")
     trust_remote_code: bool = option(False, "Allow a tokenizer's own code (off by default).")
+    max_field_chars: int = option(
+        0, "Drop a row with a field (or message) over this many characters as row_too_large, before "
+        "tokenization; 0: 64 x --max-length.")
+
+    def field_chars_limit(self) -> int:
+        """The row-size bound: memory stays bounded by the batch, not by the largest row."""
+        return self.max_field_chars or 64 * self.max_length
 
     def validate(self) -> None:
         _check_literal(self, "format", Format)
@@ -76,6 +83,8 @@ class DataConfig:
             raise ConfigError("give --eval-fraction or --eval-input, not both")
         if self.num_proc < 1 or self.batch_size < 1:
             raise ConfigError("--num-proc and --batch-size must be >= 1")
+        if self.max_field_chars < 0:
+            raise ConfigError(f"--max-field-chars must be >= 0, got {self.max_field_chars}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 
