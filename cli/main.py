@@ -83,11 +83,13 @@ def inspect(
 def verify(
     directory: Annotated[Path, typer.Argument(help="A prepared directory.")],
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="Check against this tokenizer.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Allow the tokenizer's own code (never taken from the manifest).")] = False,
 ) -> None:
     """Check a prepared directory: manifest, checksums, schema, masks, totals, row coverage, tokenizer."""
     from plw_data.prepare.verify import verify as run
 
-    for line in run(directory, tokenizer=tokenizer):
+    for line in run(directory, tokenizer=tokenizer, trust_remote_code=trust_remote_code):
         typer.echo(f"  {line}")
     typer.echo(f"OK: {directory}")
 
