@@ -13,9 +13,10 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,32 @@ def encoded_batches(
     if cfg.num_proc == 1:
         yield from _pipelined(Encoder(tok, cfg), chunks)
         return
+    yield from _in_processes(chunks, cfg)
+
+
+def _in_processes(chunks: Iterable[list[RawRow]], cfg: DataConfig) -> Iterator[EncodedBatch]:
+    """Encode in cfg.num_proc processes, in input order, at most 2 chunks per process in flight.
+
+    A worker that dies (killed, out of memory) breaks the pool: that is a PLWError naming the cause,
+    never a wait for a result that cannot come (and the run's DIR is left as it was)."""
     ctx = mp.get_context("spawn")  # fork after the Rust tokenizer spun up threads can deadlock
-    with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
-        yield from pool.imap(_encode_chunk, chunks, chunksize=1)
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(cfg.num_proc, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(_encode_chunk, chunk))
+                if len(pending) >= 2 * cfg.num_proc:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise PLWError(
+                f"an encoding process died (killed, or out of memory?) with --num-proc {cfg.num_proc}; "
+                "nothing was written: run again, with fewer processes or a smaller --batch-size"
+            ) from None
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # -- the command ------------------------------------------------------------------------------
