@@ -65,3 +65,40 @@ def test_a_run_that_keeps_no_row_exits_2(tmp_path: Path) -> None:
     r = cli("prepare", src, "--tokenizer", tok(), *QA, "--output", tmp_path / "out")
     one_line_error(r, "no row kept", "missing_field 2")
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_without_manifest_or_with_a_negative_index_is_one_line(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_rows())
+    out = tmp_path / "out"
+    assert cli("prepare", src, "--tokenizer", tok(), *QA, "--output", out).exit_code == 0
+    one_line_error(cli("inspect", out, "--index", "-1"), "--index must be >= 0")
+    one_line_error(cli("inspect", out, "--index", "99"), "out of range")
+    (out / "manifest.json").unlink()
+    one_line_error(cli("inspect", out), "manifest.json: missing")
+
+
+def test_merge_verifies_each_part_first(tmp_path: Path) -> None:
+    from plw_data.errors import PLWError
+    from plw_data.prepare.merge import merge
+
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_rows(8))
+    parts = [tmp_path / f"p{i}" for i in range(2)]
+    for i, p in enumerate(parts):
+        r = cli("prepare", src, "--tokenizer", tok(), *QA, "--num-shards", "2", "--shard-index", str(i), "--output", p)
+        assert r.exit_code == 0, r.output
+    shard = next((parts[1] / "train").glob("*.arrow"))
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    import pytest
+
+    with pytest.raises(PLWError, match="sha256"):
+        merge(parts, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_piped_summary_keeps_full_numbers(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
+    r = cli("prepare", src, "--tokenizer", tok(), *QA, "--no-pack", "--output", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 0
+    assert "…" not in r.stderr and "encoding: 40 rows" in r.stderr

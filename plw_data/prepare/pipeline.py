@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -134,33 +135,44 @@ def _in_processes(chunks: Iterable[list[RawRow]], cfg: DataConfig) -> Iterator[E
 
 
 class Progress:
-    """Rows/s and tokens/s on stderr (rich), or nothing."""
+    """Rows/s and tokens/s on stderr: a live rich line on a terminal; otherwise (piped, or
+    ``live`` off) a plain log line with full numbers every ``every`` seconds and at the end."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, log: Callable[[str], None] = lambda s: None, *, live: bool = True,
+                 every: float = 30.0):
         self.enabled = enabled
         self.rows = self.tokens = 0
-        self.t0 = time.perf_counter()
+        self.t0 = self._last = time.perf_counter()
+        self._log, self._every = log, every
         self._bar = None
-        if enabled:
+        if enabled and live and sys.stderr.isatty():
             from rich.progress import Progress as RichProgress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             self._bar = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True)
             self._task = self._bar.add_task("encoding")
             self._bar.start()
 
+    def _line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return f"encoding: {self.rows:,} rows  {self.rows / dt:,.0f} rows/s  {self.tokens / dt:,.0f} tokens/s"
+
     def update(self, batch: EncodedBatch) -> None:
         self.rows += len(batch.lengths) + len(batch.dropped)
         self.tokens += int(batch.lengths.sum())
         if self._bar is not None:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            self._bar.update(
-                self._task,
-                description=f"encoding: {self.rows:,} rows  {self.rows / dt:,.0f} rows/s  {self.tokens / dt:,.0f} tokens/s",
-            )
+            self._bar.update(self._task, description=self._line())
+        elif self.enabled and time.perf_counter() - self._last >= self._every:
+            self._last = time.perf_counter()
+            self._log(self._line())
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def finish(self) -> None:
+        """The closing plain line of a run that encoded everything."""
+        if self.enabled and self._bar is None:
+            self._log(f"{self._line()}  ({time.perf_counter() - self.t0:.1f}s)")
 
 
 def _stage_inputs(
@@ -237,8 +249,10 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    live: bool = True,
 ) -> dict[str, Any]:
-    """Prepare `inputs` into `output`; returns the manifest."""
+    """Prepare `inputs` into `output`; returns the manifest. ``progress``: report encoding speed, live
+    on a terminal unless ``live`` is off, else as plain ``log`` lines."""
     if not inputs:
         raise ConfigError("no input given")
     if cfg.tokenizer is None:
@@ -258,7 +272,7 @@ def prepare(
     fresh = not output.exists()
     work = out.begin(output)
 
-    bar = Progress(progress)
+    bar = Progress(progress, log, live=live)
     dropped: list = []
     per_file: Counter = Counter()
     try:
@@ -288,6 +302,7 @@ def prepare(
         raise
     finally:
         bar.close()
+    bar.finish()
 
     split_entries = {}
     for name, (staged, members) in splits.items():
