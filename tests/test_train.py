@@ -111,11 +111,33 @@ def write_prepared(out: Path, *, n_train: int, n_eval: int, max_len: int = 256) 
             "example_index": Sequence(Value("int64")),
         }
     )
+    splits = {}
     for split, exs, first in (("train", examples[:n_train], 0), ("eval", examples[n_train:], n_train)):
-        Dataset.from_dict(pack(exs, first, max_len), features=features).save_to_disk(str(out / split))
-    manifest = {"format_version": 1, "tokenizer": {"name_or_path": str(require_shared(f"tokenizers/{SMOL}"))}}
+        cols = pack(exs, first, max_len)
+        Dataset.from_dict(cols, features=features).save_to_disk(str(out / split))
+        splits[split] = _split_entry(out / split, cols, max_len)
+    # complete enough for the check plw-train makes first (prepare.verify.verify_quick)
+    n = n_train + n_eval
+    manifest = {"format_version": 1, "created_by": "plw-data test", "config": {},
+                "tokenizer": {"name_or_path": str(require_shared(f"tokenizers/{SMOL}")), "sha256": "", "vocab_size": len(tok),
+                              "chat_template_sha256": None},
+                "inputs": [{"path": "race_rows", "sha256": None, "rows": n}],
+                "counts": {"input_rows": n, "kept": n, "dropped": {}}, "splits": splits}
     (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "dropped.jsonl").write_text("")
     return out
+
+
+def _split_entry(folder: Path, cols: dict, max_len: int) -> dict:
+    from plw_data import schema as S
+
+    (f,) = S.split_files(folder)  # save_to_disk writes one shard at this size
+    shards = [{"file": f.name, "rows": len(cols["input_ids"]), "bytes": f.stat().st_size, "sha256": S.sha256_file(f)}]
+    tokens = sum(len(r) for r in cols["input_ids"])
+    totals = {"rows": len(cols["input_ids"]), "examples": sum(len(r) for r in cols["seq_lengths"]), "tokens": tokens,
+              **{f"{c}_tokens": int(sum(sum(r) for r in cols[f"{c}_mask"])) for c in ("prompt", "completion", "template")}}
+    return {**totals, "max_length": max_len, "packed": True, "fill": S.fill(tokens, totals["rows"], max_len),
+            "lower_bound_rows": S.lower_bound_rows(tokens, max_len), "shards": shards}
 
 
 def write_tiny_llama(out: Path, *, seed: int = 0) -> Path:
