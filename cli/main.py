@@ -37,16 +37,14 @@ def _main(
 
 
 def _prepare(inputs: list[str], output: Path, recipe: Optional[Path] = None, overwrite: bool = False,
-             quiet: bool = False, **flags: Any) -> None:
-    from rich.console import Console
-
+             quiet: bool = False, no_progress: bool = False, **flags: Any) -> None:
     from plw_data.config import build_config, load_recipe
     from plw_data.prepare.pipeline import prepare as run
     from plw_data.prepare.report import summary_table
 
     cfg = build_config(DataConfig, load_recipe(recipe), o.given(flags, DataConfig), source=str(recipe))
-    console = Console(stderr=True, quiet=quiet)
-    manifest = run(inputs, cfg, output, overwrite=overwrite, progress=not quiet, log=console.print)
+    console = o.console(stderr=True, quiet=quiet)
+    manifest = run(inputs, cfg, output, overwrite=overwrite, progress=not quiet, log=console.print, live=not no_progress)
     console.print(summary_table(manifest, output))
 
 
@@ -57,6 +55,8 @@ app.command("prepare")(o.command(o.handle_errors(_prepare), [
     o.param("recipe", o.Recipe, None),
     o.param("overwrite", Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")], False),
     o.param("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")], False),
+    o.param("no_progress", Annotated[bool, typer.Option(
+        "--no-progress", help="Plain log lines instead of a live progress line (also when not on a terminal).")], False),
     *o.config_parameters(DataConfig),
 ], "Tokenize INPUTS into Arrow shards with prompt/completion/template masks, packed, with a manifest."))
 
@@ -71,11 +71,9 @@ def inspect(
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="Tokenizer (default: the manifest's).")] = None,
 ) -> None:
     """Show one row's tokens coloured by category: what will be trained, and where packed examples begin."""
-    from rich.console import Console
-
     from plw_data.prepare.inspect import render_row
 
-    Console().print(render_row(directory, split, index, show_ids=ids, tokenizer=tokenizer))
+    o.console().print(render_row(directory, split, index, show_ids=ids, tokenizer=tokenizer))
 
 
 @app.command()
@@ -83,11 +81,13 @@ def inspect(
 def verify(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="A prepared directory.")],
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="Check against this tokenizer.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Allow the tokenizer's own code (never taken from the manifest).")] = False,
 ) -> None:
     """Check a prepared directory: manifest, checksums, schema, masks, totals, row coverage, tokenizer."""
     from plw_data.prepare.verify import verify as run
 
-    for line in run(directory, tokenizer=tokenizer):
+    for line in run(directory, tokenizer=tokenizer, trust_remote_code=trust_remote_code):
         typer.echo(f"  {line}")
     typer.echo(f"OK: {directory}")
 
@@ -98,11 +98,13 @@ def merge(
     parts: Annotated[list[Path], typer.Argument(metavar="PARTS", help="The K outputs of prepare --num-shards K --shard-index 0..K-1.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Merged directory.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUTPUT.")] = False,
+    per_slice_eval: Annotated[bool, typer.Option(
+        "--per-slice-eval", help="Accept slices prepared with --eval-fraction (each drew its own eval split).")] = False,
 ) -> None:
     """Combine the slice outputs of a multi-machine prepare into one directory with one manifest."""
     from plw_data.prepare.merge import merge as run
 
-    m = run(parts, output, overwrite=overwrite)
+    m = run(parts, output, overwrite=overwrite, per_slice_eval=per_slice_eval)
     extra = ", ".join(f"{n} {r:+d} rows" for n, r in m["merge"]["extra_rows"].items())
     typer.echo(f"merged {len(parts)} slices into {output}: {m['counts']['kept']:,} examples; "
                f"per-slice packing vs the global bound: {extra}")

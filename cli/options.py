@@ -88,6 +88,15 @@ def param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) ->
     return inspect.Parameter(name, kind, default=default, annotation=annotation)
 
 
+def console(*, stderr: bool = False, quiet: bool = False) -> Any:
+    """A rich Console; when the stream is not a terminal (piped, a log file) it is wide enough that
+    tables keep every number whole instead of cutting them to 80 columns ("87,4…")."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, quiet=quiet, width=None if stream.isatty() else 240)
+
+
 def fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit."""
     typer.echo(f"error: {message}", err=True)

@@ -9,6 +9,10 @@ is its flag's help text: the CLI (``cli/options.py``) generates every flag from 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -61,6 +65,13 @@ class DataConfig:
     num_shards: int = option(1, "Split the job over K machines (see plw-data merge)...", group="prepare")
     shard_index: int = option(0, "...this one prepares slice i of K.", group="prepare")
     trust_remote_code: bool = option(False, "Allow a tokenizer's own code (off by default).")
+    max_field_chars: int = option(
+        0, "Drop a row with a field (or message) over this many characters as row_too_large, before "
+        "tokenization; 0: 64 x --max-length.")
+
+    def field_chars_limit(self) -> int:
+        """The row-size bound: memory stays bounded by the batch, not by the largest row."""
+        return self.max_field_chars or 64 * self.max_length
 
     def validate(self) -> None:
         _check_literal(self, "format", Format)
@@ -76,6 +87,8 @@ class DataConfig:
             raise ConfigError("give --eval-fraction or --eval-input, not both")
         if self.num_proc < 1 or self.batch_size < 1:
             raise ConfigError("--num-proc and --batch-size must be >= 1")
+        if self.max_field_chars < 0:
+            raise ConfigError(f"--max-field-chars must be >= 0, got {self.max_field_chars}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 
@@ -95,8 +108,15 @@ def _check_literal(cfg: object, name: str, lit: Any) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+#: A recipe is a handful of options: anything larger, or using YAML anchors/aliases (which can expand
+#: exponentially: the "billion laughs"), is refused before it is parsed.
+RECIPE_MAX_BYTES = 1 << 20
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
 def load_recipe(path: str | Path | None) -> dict[str, Any]:
-    """Read a recipe YAML (safe loader only: no object construction from YAML tags)."""
+    """Read a recipe YAML (safe loader only: no object construction from YAML tags; bounded size;
+    no anchors or aliases)."""
     if path is None:
         return {}
     import yaml
@@ -104,10 +124,19 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: recipe file not found")
+    if p.stat().st_size > RECIPE_MAX_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size:,} bytes; a recipe may hold at most {RECIPE_MAX_BYTES:,}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        if any(isinstance(t, (yaml.AnchorToken, yaml.AliasToken)) for t in yaml.scan(text)):
+            raise ConfigError(f"{p}: YAML anchors and aliases (&name, *name) are not accepted in a recipe")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -115,14 +144,100 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}.get(tp, str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as the field type ``tp`` (from the dataclass annotation), or a ConfigError naming
+    ``where``. One rule for flags and recipe values: bools also from the strings true/false/yes/no/
+    on/off/1/0 (YAML's spellings), ints from integral numbers or integer text (300.7 is refused),
+    floats from numbers or number text (finite), text from text or numbers, a list from a list or
+    one item, a Literal from its values."""
+    origin = typing.get_origin(tp)
+
+    def bad() -> ConfigError:
+        got = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        hint = ""
+        if origin is Literal and isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(a) for a in typing.get_args(tp)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"{where}: expected {_type_name(tp)}, got {got}{hint}")
+
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise bad()
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        (item_tp,) = typing.get_args(tp)
+        return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(items)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) <= 100:
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad()
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise bad() from None
+        if not math.isfinite(number):
+            raise bad()
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    return value
+
+
 def build_config(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any], *, source: str = "recipe") -> C:
-    """Recipe values, then CLI overrides (None means 'flag not given'); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(recipe) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
-    values = dict(recipe)
-    values.update({k: v for k, v in overrides.items() if v is not None and k in names})
+    """Recipe values, then CLI overrides (None means 'flag not given'), each checked against its
+    field's type (:func:`coerce`); unknown keys are an error with the closest option named."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in recipe:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown option {key!r}{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {k: coerce(v, hints[k], f"{source}: {k}") for k, v in recipe.items()}
+    values.update({k: coerce(v, hints[k], "--" + k.replace("_", "-"))
+                   for k, v in overrides.items() if v is not None and k in names})
     cfg = cls(**values)
     validate = getattr(cfg, "validate", None)
     if validate:

@@ -25,8 +25,9 @@ class RowError(PLWError):
         # pickling replays only args=(detail,) and would fail to rebuild, hanging the pool.
         return (type(self), (self.reason, self.detail), {"field": self.field})
 
-    def located(self, file: str, row: int) -> str:
-        where = f"{file}: row {row}"
+    def located(self, file: str, row: int | str) -> str:
+        """``row``: a 0-based row, or how to name it (`prepare.sources.row_label`: "line N")."""
+        where = f"{file}: {row if isinstance(row, str) else f'row {row}'}"
         if self.field:
             where += f", field {self.field!r}"
         return f"{where}: {self.reason}: {self.detail}"

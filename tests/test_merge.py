@@ -57,7 +57,7 @@ def slices(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], 
 def test_merged_slices_hold_every_example_once_and_verify(slices, tmp_path: Path) -> None:
     _, parts, single = slices
     out = tmp_path / "merged"
-    m = merge(list(reversed(parts)), out)  # any order of the parts
+    m = merge(list(reversed(parts)), out, per_slice_eval=True)  # any order of the parts
     verify(out)
     assert m["counts"]["input_rows"] == 60 and m["counts"]["dropped"] == {"malformed_json": 1}
     assert [json.loads(x)["index"] for x in (out / "dropped.jsonl").read_text().splitlines()] == [7]
@@ -73,20 +73,24 @@ def test_merged_slices_hold_every_example_once_and_verify(slices, tmp_path: Path
 def test_merge_refuses_incomplete_or_foreign_parts(slices, tmp_path: Path) -> None:
     src, parts, single = slices
     with pytest.raises(ConfigError, match=r"slices 0\.\.K-1"):
-        merge(parts[:2], tmp_path / "a")
+        merge(parts[:2], tmp_path / "a", per_slice_eval=True)
     with pytest.raises(ConfigError, match="another config"):
-        merge([*parts[:2], single], tmp_path / "b")
+        merge([*parts[:2], single], tmp_path / "b", per_slice_eval=True)
     other = tmp_path / "other"
     prepare([str(src)], cfg(num_shards=K, shard_index=2, max_length=900), other, progress=False)
     with pytest.raises(ConfigError, match="another config"):
-        merge([*parts[:2], other], tmp_path / "c")
+        merge([*parts[:2], other], tmp_path / "c", per_slice_eval=True)
 
 
 def test_cli_merge(slices, tmp_path: Path) -> None:
     _, parts, _ = slices
     exe = [sys.executable, "-m", "plw_data.cli.main"]
     r = subprocess.run([*exe, "merge", *map(str, parts), "--output", str(tmp_path / "m")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--eval-input" in r.stderr and "--per-slice-eval" in r.stderr  # the fix, named
+    cmd = [*exe, "merge", *map(str, parts), "--output", str(tmp_path / "m"), "--per-slice-eval"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "merged 3 slices" in r.stdout
-    r = subprocess.run([*exe, "merge", *map(str, parts), "--output", str(tmp_path / "m")], capture_output=True, text=True)
-    assert r.returncode != 0 and "--overwrite" in r.stderr
+    before = (tmp_path / "m" / "manifest.json").stat().st_mtime_ns
+    r = subprocess.run(cmd, capture_output=True, text=True)  # a finished merge: a no-op
+    assert r.returncode == 0 and (tmp_path / "m" / "manifest.json").stat().st_mtime_ns == before

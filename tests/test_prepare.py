@@ -96,10 +96,10 @@ def test_dropped_rows_cross_worker_processes(tmp_path: Path) -> None:
 def test_on_error_fail_names_file_row_and_field(tmp_path: Path) -> None:
     src = tmp_path / "broken.jsonl"
     write_broken(src)
-    with pytest.raises(PLWError, match=rf"{src}: row 1: malformed_json"):
+    with pytest.raises(PLWError, match=rf"{src}: line 2: malformed_json"):
         prepare([str(src)], race_cfg(on_error="fail"), tmp_path / "o1", progress=False)
     src.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "question": {"a": 1}}) + "\n")
-    with pytest.raises(PLWError, match=r"row 1, field 'question': wrong_type"):
+    with pytest.raises(PLWError, match=r"line 2, field 'question': wrong_type"):
         prepare([str(src)], race_cfg(on_error="fail"), tmp_path / "o2", progress=False)
 
 
@@ -110,7 +110,7 @@ def test_cli_exit_status_and_one_line_error(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "plw_data.cli.main", "prepare", str(src), "--tokenizer", tok, "--recipe", str(RACE_RECIPE), "-q"]
     bad = subprocess.run(base + ["--output", str(tmp_path / "o"), "--on-error", "fail"], capture_output=True, text=True)
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines() == [f"error: {src}: row 1: malformed_json: Invalid control character at (column 20)"]
+    assert bad.stderr.strip().splitlines() == [f"error: {src}: line 2: malformed_json: Unterminated string starting at (column 13)"]
     missing = subprocess.run(base[:4] + [str(tmp_path / "nope.jsonl"), "--tokenizer", tok, "--output", str(tmp_path / "o")],
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "nope.jsonl: input file not found" in missing.stderr

@@ -294,7 +294,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
         ((data,), "--tokenizer is required"),
         ((data, "--unit", "bytes"), "--unit must be one of"),
         ((data, "--unit", "words", "--plw", "0.1,x"), "--plw must be"),
-        ((data, "--unit", "words", "--on-error", "fail"), "bad.jsonl: row 1, field 'completion': missing_field"),
+        ((data, "--unit", "words", "--on-error", "fail"), "bad.jsonl: line 2, field 'completion': missing_field"),
         ((tmp_path, "--unit", "words"), "not a prepared one"),
     ]
     for args, message in cases:

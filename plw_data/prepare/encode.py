@@ -23,6 +23,7 @@ from ..errors import ConfigError, RowError
 from ..schema import COMPLETION, PROMPT, REASONING, TEMPLATE
 from ..tokenizer import special_ids
 from .formats import RESERVED, Conversation
+from .limits import render_chat_template
 
 PLAIN_SEPARATOR = "\n"  # between turns when no chat template is used (a template token)
 _PLACEHOLDER = re.compile(f"{RESERVED[0]}(\\d+){RESERVED[1]}")
@@ -231,7 +232,7 @@ class Encoder:
 
     def _render(self, conv: Conversation) -> tuple[str, list[tuple[int, int, int]]]:
         try:
-            text = self.tok.apply_chat_template(list(conv.messages), tokenize=False)
+            text = render_chat_template(self.tok, list(conv.messages), self.cfg)
             skeleton = self._skeleton(conv.roles)
         except RowError:
             raise

@@ -204,9 +204,25 @@ def iter_conversations(
         yield raw, convert(raw, cfg)
 
 
+def row_too_large(record: dict[str, Any], limit: int) -> RowError | None:
+    """A row holding a string over ``limit`` characters, found before any rendering or tokenizing."""
+    stack: list[tuple[str, Any]] = list(record.items())
+    while stack:
+        name, x = stack.pop()
+        if isinstance(x, str) and len(x) > limit:
+            return RowError("row_too_large", f"{len(x):,} characters, over --max-field-chars {limit:,}", field=name)
+        if isinstance(x, dict):
+            stack.extend((f"{name}.{k}", v) for k, v in x.items())
+        elif isinstance(x, list):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(x))
+    return None
+
+
 def convert(raw: RawRow, cfg: DataConfig) -> Conversation | RowError:
     if isinstance(raw.record, RowError):
         return raw.record
+    if (too_large := row_too_large(raw.record, cfg.field_chars_limit())) is not None:
+        return too_large
     try:
         return to_conversation(raw.record, cfg)
     except RowError as e:

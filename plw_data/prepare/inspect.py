@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from .. import schema as S
-from ..errors import ConfigError
+from ..errors import ConfigError, PLWError
 from ..schema import CATEGORY_NAMES, COMPLETION, PROMPT, TEMPLATE
 
 STYLES = {TEMPLATE: "dim magenta", PROMPT: "cyan", COMPLETION: "bold green"}
@@ -23,12 +24,17 @@ def read_row(directory: Path, split: str, index: int) -> dict[str, np.ndarray]:
     folder = Path(directory) / split
     if not (folder / S.STATE).exists():
         raise ConfigError(f"{folder}: no such prepared split")
+    if index < 0:
+        raise ConfigError(f"--index must be >= 0 (rows are counted from 0), got {index}")
     seen = 0
-    for batch in S.iter_record_batches(folder):
-        if index < seen + batch.num_rows:
-            row = batch.slice(index - seen, 1).to_pylist()[0]
-            return {k: np.asarray(v) for k, v in row.items()}
-        seen += batch.num_rows
+    try:
+        for batch in S.iter_record_batches(folder):
+            if index < seen + batch.num_rows:
+                row = batch.slice(index - seen, 1).to_pylist()[0]
+                return {k: np.asarray(v) for k, v in row.items()}
+            seen += batch.num_rows
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        raise PLWError(f"{folder}: unreadable ({type(e).__name__}: {e}); run plw-data verify {directory}") from None
     raise ConfigError(f"{folder}: --index {index} out of range (the split has {seen} rows)")
 
 
@@ -46,7 +52,9 @@ def render_row(directory: Path, split: str, index: int, *, show_ids: bool = Fals
 
     from ..tokenizer import load_tokenizer
 
-    manifest = S.read_manifest(directory)
+    from .verify import load_manifest
+
+    manifest = load_manifest(Path(directory))  # present and complete: no KeyError below
     tok = load_tokenizer(tokenizer or manifest["tokenizer"]["name_or_path"])
     row = read_row(directory, split, index)
     ids, cats = row[S.INPUT_IDS], S.categories(row[S.PROMPT_MASK], row[S.COMPLETION_MASK])

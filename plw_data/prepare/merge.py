@@ -16,22 +16,40 @@ from pathlib import Path
 from typing import Any
 
 from .. import schema as S
-from ..errors import ConfigError
+from ..errors import ConfigError, PLWError
 from . import output as out
+from .verify import verify_quick
 
 def _read_part(path: Path) -> dict[str, Any]:
+    """A part's manifest once the part passes the checks a trainer makes (sizes, sha256, schema)."""
     if not (path / S.MANIFEST).is_file():
         raise ConfigError(f"{path}: no {S.MANIFEST} (not a finished plw-data prepare output)")
-    return S.read_manifest(path)
+    return verify_quick(path)
 
 
-def _check_parts(parts: list[Path], manifests: list[dict[str, Any]]) -> int:
+def _already_merged(output: Path, parts: list[Path]) -> dict[str, Any] | None:
+    """The manifest of ``output`` when it is the finished merge of exactly these parts, unchanged."""
+    try:
+        old = S.read_manifest(output)
+    except PLWError:
+        return None
+    recorded = [(p.get("path"), p.get("manifest_sha256")) for p in old.get("merge", {}).get("parts", [])]
+    return old if recorded == [(str(p), S.sha256_file(p / S.MANIFEST)) for p in parts] else None
+
+
+def _check_parts(parts: list[Path], manifests: list[dict[str, Any]], per_slice_eval: bool) -> int:
     """All parts are slices of one job (same config but shard_index, same tokenizer and inputs), each once."""
     k = int(manifests[0]["config"]["num_shards"])
     same = lambda m: ({**m["config"], "shard_index": None}, m["tokenizer"], m["inputs"], m["format_version"])
     for path, m in zip(parts, manifests):
         if same(m) != same(manifests[0]):
             raise ConfigError(f"{path}: prepared with another config, tokenizer or inputs than {parts[0]}")
+    if float(manifests[0]["config"].get("eval_fraction") or 0) > 0 and not per_slice_eval:
+        raise ConfigError(
+            f"{parts[0]}: the slices were prepared with --eval-fraction, so each drew its own eval split, which "
+            "is not the one a single job draws; prepare the slices with --eval-input FILE (one fixed eval set) "
+            "or --eval-fraction 0, or accept per-slice eval splits with merge --per-slice-eval"
+        )
     seen = sorted(int(m["config"]["shard_index"]) for m in manifests)
     if k < 2 or seen != list(range(k)):
         raise ConfigError(f"merge needs the {k if k > 1 else 'K'} slices 0..K-1 of one --num-shards K job, got shard indices {seen}")
@@ -68,8 +86,11 @@ def _merge_split(name: str, parts: list[Path], entries: list[dict[str, Any]], wo
     return entry
 
 
-def merge(parts: list[str | Path], output: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Merge slice outputs `parts` into `output`; returns the merged manifest."""
+def merge(parts: list[str | Path], output: str | Path, *, overwrite: bool = False,
+          per_slice_eval: bool = False) -> dict[str, Any]:
+    """Merge slice outputs `parts` into `output`; returns the merged manifest. Each part is checked
+    first; re-running a finished merge of the same, unchanged parts is a no-op. Slices prepared with
+    --eval-fraction are refused unless ``per_slice_eval`` (their eval split differs from one job's)."""
     parts = [Path(p) for p in parts]
     output = Path(output)
     if not parts:
@@ -77,12 +98,14 @@ def merge(parts: list[str | Path], output: str | Path, *, overwrite: bool = Fals
     if any(output.resolve() == p.resolve() for p in parts):
         raise ConfigError(f"{output}: the output must not be one of the parts")
     manifests = [_read_part(p) for p in parts]
-    k = _check_parts(parts, manifests)
+    k = _check_parts(parts, manifests, per_slice_eval)
     order = sorted(range(k), key=lambda i: manifests[i]["config"]["shard_index"])
     parts, manifests = [parts[i] for i in order], [manifests[i] for i in order]
+    out.check_target(output, overwrite=overwrite)
+    if not overwrite and (done := _already_merged(output, parts)) is not None:
+        return done
     if (output / S.MANIFEST).exists() and not overwrite:
         raise ConfigError(f"{output}: exists and is not empty; use --overwrite")
-    out.check_target(output, overwrite=overwrite)
     work = out.begin(output)
 
     splits = {}

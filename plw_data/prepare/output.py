@@ -7,6 +7,7 @@ manifest is an interrupted run, rebuilt from scratch by the next one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,21 +24,66 @@ def is_interrupted(output: Path) -> bool:
     return (output / S.TMP_NAME).is_dir() and not (output / S.MANIFEST).exists()
 
 
+def is_ours(output: Path) -> bool:
+    """Whether ``output`` was written by `prepare`/`merge`: it holds our staging folder, or a manifest
+    with a format_version whose created_by names plw-data. Only such a DIR may be replaced."""
+    if (output / S.TMP_NAME).is_dir():
+        return True
+    try:
+        m = json.loads((output / S.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and "format_version" in m and str(m.get("created_by", "")).startswith("plw-data")
+
+
+def _listing(output: Path, limit: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in output.iterdir())
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def check_target(output: Path, *, overwrite: bool) -> None:
-    """Refuse an output that exists, is not empty and is not a plw-data DIR (unless --overwrite)."""
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output}: exists and is not a directory")
-    ours = (output / S.MANIFEST).exists() or (output / S.TMP_NAME).is_dir()
-    if output.exists() and any(output.iterdir()) and not (overwrite or ours):
-        raise ConfigError(f"{output}: exists, is not empty and is not a plw-data directory; use --overwrite")
+    """Refuse an output that is a file, lies under a file, or exists, is not empty and was not written
+    by plw-data (whatever ``overwrite`` says: no command deletes a file it did not write)."""
+    for path in (output, *output.parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--output {output}: {path} is a file, not a directory")
+    if not output.exists():
+        return
+    try:
+        empty = not any(output.iterdir())
+    except OSError as e:
+        raise ConfigError(f"--output {output}: cannot read the directory: {e.strerror or e}") from None
+    if empty or is_ours(output):
+        return
+    raise ConfigError(
+        f"--output {output}: not a plw-data directory (no plw-data {S.MANIFEST}) and not empty: it holds "
+        f"{_listing(output)}; {'--overwrite only replaces a plw-data directory; ' if overwrite else ''}"
+        "choose a new or empty directory"
+    )
 
 
 def begin(output: Path) -> Path:
     """A fresh, empty work folder inside ``output``."""
     work = output / S.TMP_NAME
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"--output {output}: cannot write there: {e.strerror or e}") from None
     return work
+
+
+def discard(work: Path, output: Path, *, remove_output: bool) -> None:
+    """After a failed run (a PLWError): remove the work folder it made, and ``output`` when this run
+    created it and it is empty again. A killed run cannot get here; its ``work`` marks the DIR as
+    interrupted and the next run rebuilds it."""
+    shutil.rmtree(work, ignore_errors=True)
+    if remove_output:
+        try:
+            output.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def install(work: Path, output: Path, manifest: dict[str, Any], run: dict[str, Any] | None = None) -> None:

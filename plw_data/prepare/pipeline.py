@@ -12,10 +12,12 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from .encode import EncodedBatch, Encoder
 from .formats import convert
 from .pack import plan_packing, plan_unpacked
 from .shards import Stage, StagedExamples, write_split
-from .sources import RawRow, file_sha256, iter_rows
+from .sources import RawRow, file_sha256, iter_rows, row_label
 
 # -- encoding, in order, in 1 or N processes ----------------------------------------------------
 
@@ -101,42 +103,76 @@ def encoded_batches(
     if cfg.num_proc == 1:
         yield from _pipelined(Encoder(tok, cfg), chunks)
         return
+    yield from _in_processes(chunks, cfg)
+
+
+def _in_processes(chunks: Iterable[list[RawRow]], cfg: DataConfig) -> Iterator[EncodedBatch]:
+    """Encode in cfg.num_proc processes, in input order, at most 2 chunks per process in flight.
+
+    A worker that dies (killed, out of memory) breaks the pool: that is a PLWError naming the cause,
+    never a wait for a result that cannot come (and the run's DIR is left as it was)."""
     ctx = mp.get_context("spawn")  # fork after the Rust tokenizer spun up threads can deadlock
-    with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
-        yield from pool.imap(_encode_chunk, chunks, chunksize=1)
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(cfg.num_proc, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(_encode_chunk, chunk))
+                if len(pending) >= 2 * cfg.num_proc:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise PLWError(
+                f"an encoding process died (killed, or out of memory?) with --num-proc {cfg.num_proc}; "
+                "nothing was written: run again, with fewer processes or a smaller --batch-size"
+            ) from None
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # -- the command ------------------------------------------------------------------------------
 
 
 class Progress:
-    """Rows/s and tokens/s on stderr (rich), or nothing."""
+    """Rows/s and tokens/s on stderr: a live rich line on a terminal; otherwise (piped, or
+    ``live`` off) a plain log line with full numbers every ``every`` seconds and at the end."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, log: Callable[[str], None] = lambda s: None, *, live: bool = True,
+                 every: float = 30.0):
         self.enabled = enabled
         self.rows = self.tokens = 0
-        self.t0 = time.perf_counter()
+        self.t0 = self._last = time.perf_counter()
+        self._log, self._every = log, every
         self._bar = None
-        if enabled:
+        if enabled and live and sys.stderr.isatty():
             from rich.progress import Progress as RichProgress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             self._bar = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True)
             self._task = self._bar.add_task("encoding")
             self._bar.start()
 
+    def _line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return f"encoding: {self.rows:,} rows  {self.rows / dt:,.0f} rows/s  {self.tokens / dt:,.0f} tokens/s"
+
     def update(self, batch: EncodedBatch) -> None:
         self.rows += len(batch.lengths) + len(batch.dropped)
         self.tokens += int(batch.lengths.sum())
         if self._bar is not None:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            self._bar.update(
-                self._task,
-                description=f"encoding: {self.rows:,} rows  {self.rows / dt:,.0f} rows/s  {self.tokens / dt:,.0f} tokens/s",
-            )
+            self._bar.update(self._task, description=self._line())
+        elif self.enabled and time.perf_counter() - self._last >= self._every:
+            self._last = time.perf_counter()
+            self._log(self._line())
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def finish(self) -> None:
+        """The closing plain line of a run that encoded everything."""
+        if self.enabled and self._bar is None:
+            self._log(f"{self._line()}  ({time.perf_counter() - self.t0:.1f}s)")
 
 
 def _stage_inputs(
@@ -148,7 +184,7 @@ def _stage_inputs(
     for batch in encoded_batches(inputs, cfg, tok, start_index=start_index, per_file=per_file):
         if batch.dropped and cfg.on_error == "fail":
             index, file, row, err = batch.dropped[0]
-            raise PLWError(err.located(file, row))
+            raise PLWError(err.located(file, row_label(file, row)))
         stage.append(batch)
         dropped.extend(batch.dropped)
         rows += len(batch.lengths) + len(batch.dropped)
@@ -163,6 +199,15 @@ def _eval_members(n: int, fraction: float, seed: int) -> np.ndarray:
     if fraction and n > 1:
         k = min(max(k, 1), n - 1)
     return np.sort(np.random.default_rng([seed, 1]).permutation(n)[:k])
+
+
+def _nothing_kept(n_rows: int, dropped: list) -> str:
+    """The error of a run that kept no row: the reasons, and the first dropped row located."""
+    if not dropped:
+        return f"no row kept: the inputs hold {n_rows} rows"
+    reasons = ", ".join(f"{r} {n}" for r, n in Counter(e.reason for *_, e in dropped).most_common())
+    _, file, row, err = min(dropped, key=lambda d: d[0])
+    return f"no row kept: all {n_rows} input rows were dropped ({reasons}); first: {err.located(file, row_label(file, row))}"
 
 
 def _plan(staged: StagedExamples, members: np.ndarray, cfg: DataConfig):
@@ -204,8 +249,10 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    live: bool = True,
 ) -> dict[str, Any]:
-    """Prepare `inputs` into `output`; returns the manifest."""
+    """Prepare `inputs` into `output`; returns the manifest. ``progress``: report encoding speed, live
+    on a terminal unless ``live`` is off, else as plain ``log`` lines."""
     if not inputs:
         raise ConfigError("no input given")
     if cfg.tokenizer is None:
@@ -215,16 +262,17 @@ def prepare(
     Encoder(tok, cfg)  # fail fast on a config the tokenizer cannot serve
     core = _manifest_core(inputs, cfg, tokenizer_fingerprint(tok, cfg.tokenizer))
     output = Path(output)
+    out.check_target(output, overwrite=overwrite)
     if (output / S.MANIFEST).exists() and not overwrite:
         old = S.read_manifest(output)
         if _same_data(old, core, cfg):
             log(f"{output}: already prepared with this config, tokenizer and inputs; nothing to do")
             return old
         raise ConfigError(f"{output}: holds data prepared with another config, tokenizer or inputs; use --overwrite")
-    out.check_target(output, overwrite=overwrite)
+    fresh = not output.exists()
     work = out.begin(output)
 
-    bar = Progress(progress)
+    bar = Progress(progress, log, live=live)
     dropped: list = []
     per_file: Counter = Counter()
     try:
@@ -247,8 +295,14 @@ def prepare(
                 splits["eval"] = (train, ev_members)
             else:
                 splits["train"] = (train, members)
+        if not any(len(staged.lengths) for staged, _ in splits.values()):
+            raise PLWError(_nothing_kept(n_train_rows + n_eval_rows, dropped))
+    except PLWError:
+        out.discard(work, output, remove_output=fresh)
+        raise
     finally:
         bar.close()
+    bar.finish()
 
     needed = {c for staged, _ in splits.values() for c in staged.optional_columns()}
     optional = tuple(c for c in S.OPTIONAL_COLUMNS if c in needed)

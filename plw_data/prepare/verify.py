@@ -27,10 +27,12 @@ TOTALS = S.SPLIT_TOTALS
 INT_KEYS = {"vocab_size", "input_rows", "kept", "max_length", "lower_bound_rows", "bytes", *TOTALS}
 
 
-def verify(directory: Path, *, tokenizer: str | None = None) -> list[str]:
+def verify(directory: Path, *, tokenizer: str | None = None, trust_remote_code: bool = False) -> list[str]:
     """Checks passed, one line each; raises PLWError naming the first problem (file, row, column).
 
-    The tokenizer is checked when `tokenizer` is given, or when the manifest's one is a local path."""
+    The tokenizer is checked when `tokenizer` is given, or when the manifest's one is a local path.
+    Its own code runs only with ``trust_remote_code`` from the command line, never from the manifest
+    (a data file anyone can edit)."""
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError(f"{d}: no such directory")
@@ -53,8 +55,28 @@ def verify(directory: Path, *, tokenizer: str | None = None) -> list[str]:
         )
     indices.append(("dropped.jsonl", dropped))
     done.append(check_coverage(d, m, indices))
-    done.append(check_tokenizer(d, m, tokenizer))  # last: loading a tokenizer is the slowest step
+    done.append(check_tokenizer(d, m, tokenizer, trust_remote_code=trust_remote_code))  # last: the slowest
     return done
+
+
+def verify_quick(directory: Path, *, checksums: bool = True) -> dict[str, Any]:
+    """What a trainer checks before using a DIR, without reading every row: the manifest (present,
+    complete, counts consistent), dropped.jsonl against its counts, every shard's size (and sha256
+    unless ``checksums`` is off), schema and row count, state.json. Returns the manifest; raises
+    PLWError with the message `plw-data verify` gives for the same problem."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"{d}: no such directory")
+    m = load_manifest(d)
+    read_dropped(d, m)
+    for name, split in m["splits"].items():
+        check_files(d / name, split, checksums=checksums)
+        for sh in split["shards"]:
+            path = d / name / sh["file"]
+            rows = sum(batch.num_rows for batch in _batches(path))  # memory-mapped: headers only
+            if rows != sh["rows"]:
+                raise PLWError(f"{path}: {rows} rows, manifest says {sh['rows']}")
+    return m
 
 
 # -- manifest ----------------------------------------------------------------------------------
@@ -158,12 +180,12 @@ def read_dropped(d: Path, m: dict[str, Any]) -> np.ndarray:
 # -- tokenizer ---------------------------------------------------------------------------------
 
 
-def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None) -> str:
+def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None, *, trust_remote_code: bool = False) -> str:
     """The tokenizer's fingerprint must equal the manifest's (all keys but its name or path)."""
     from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 
     claimed = m["tokenizer"]
-    trust = bool(m["config"].get("trust_remote_code", False))
+    trust = trust_remote_code  # never the manifest's config.trust_remote_code
     if spec is None:
         local = str(claimed["name_or_path"])
         if not Path(local).exists():  # a hub name: never go online just to verify
@@ -185,8 +207,9 @@ def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None) -> str:
 # -- files -------------------------------------------------------------------------------------
 
 
-def check_files(folder: Path, split: dict[str, Any]) -> None:
-    """Every listed shard has the listed size and sha256, and state.json lists exactly those shards."""
+def check_files(folder: Path, split: dict[str, Any], *, checksums: bool = True) -> None:
+    """Every listed shard has the listed size and sha256 (unless ``checksums`` is off), and state.json
+    lists exactly those shards."""
     for sh in split["shards"]:
         path = folder / sh["file"]
         if not path.is_file():
@@ -194,7 +217,7 @@ def check_files(folder: Path, split: dict[str, Any]) -> None:
         size = path.stat().st_size
         if size != sh["bytes"]:
             raise PLWError(f"{path}: {size} bytes, manifest says {sh['bytes']}")
-        digest = S.sha256_file(path)
+        digest = S.sha256_file(path) if checksums else sh["sha256"]
         if digest != sh["sha256"]:
             raise PLWError(f"{path}: sha256 {digest} does not match the manifest's {sh['sha256']}")
     state = folder / S.STATE

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import schema as S
 from ..errors import ConfigError, PLWError
-from ..prepare.sources import SUFFIXES
+from ..prepare.sources import SUFFIXES, row_label
 
 UNITS = ("tokens", "chars", "words")
 DEFAULT_PLWS = "0,0.01,0.1,1"
@@ -100,7 +100,7 @@ def _raw_token_counts(spec: DatasetSpec, cfg: Any, tok: Any, limit: int | None) 
         dropped = [d for d in batch.dropped if limit is None or d[0] < limit]
         if dropped and cfg.on_error == "fail":
             _, file, row, err = dropped[0]
-            raise PLWError(err.located(file, row))
+            raise PLWError(err.located(file, row_label(file, row)))
         counts = batch.counts()
         keep = slice(None) if limit is None else counts.example_index < limit
         yield _counts(counts, keep, dict(Counter(err.reason for *_, err in dropped)))
@@ -157,7 +157,7 @@ def _text_counts(spec: DatasetSpec, cfg: Any, unit: str, limit: int | None, batc
         for raw, conv in chunk:
             if isinstance(conv, RowError):
                 if cfg.on_error == "fail":
-                    raise PLWError(conv.located(raw.file, raw.row))
+                    raise PLWError(conv.located(raw.file, row_label(raw.file, raw.row)))
                 dropped[conv.reason] = dropped.get(conv.reason, 0) + 1
                 continue
             p = c = 0

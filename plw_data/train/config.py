@@ -89,6 +89,9 @@ class TrainConfig:
     best_metric: str = _opt("eval_completion_loss", "Eval metric that picks OUTPUT/best (losses: lower is better).")
     early_stopping_patience: int | None = _opt(None, "Stop after N evals without improvement of --best-metric.")
     progress: bool = _opt(True, "Live metrics table in the terminal.")
+    verify_data: bool = _opt(
+        True, "Check the prepared DIR first: manifest, schema, shard sizes and sha256 (--no-verify-data: sizes only)."
+    )
 
     def validate(self) -> None:
         for name in ("model", "data", "output"):

@@ -12,6 +12,19 @@ from .. import schema as S
 from ..errors import ConfigError, PLWError
 from .config import TrainConfig
 
+def verify_data(cfg: TrainConfig) -> None:
+    """Refuse data `plw-data verify` would refuse (docs/guarantees-hostile.md): the DIR behind --data
+    and behind --eval-data, cheaply (no row pass; sha256 unless --no-verify-data). A tampered shard,
+    a missing manifest or a DIR killed mid-install stops the run before any training."""
+    from ..prepare.verify import verify_quick
+
+    dirs = [Path(cfg.data)]
+    if cfg.eval_data:
+        dirs.append(Path(cfg.eval_data).parent)
+    for d in dict.fromkeys(dirs):
+        verify_quick(d, checksums=cfg.verify_data)
+
+
 def load_split(path: Path, what: str):
     from datasets import load_from_disk
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,15 @@ _EVAL_COLUMNS = (
 class LiveTable:
     """Terminal view of a run (rich): one row per eval, a status line with the latest train event.
 
-    On a terminal the table redraws in place; otherwise (logs, CI) each eval row prints as a line.
+    On a terminal the table redraws in place; otherwise (logs, CI), or with ``enabled`` off
+    (--no-progress), each eval row and note prints as a plain line with full numbers.
     """
 
     def __init__(self, *, enabled: bool = True) -> None:
         from rich.console import Console
 
-        self.enabled = enabled
-        self.console = Console()
+        self.enabled = True  # --no-progress turns off the live table, never the log lines
+        self.console = Console(width=None if sys.stdout.isatty() else 240)
         self.evals: list[Mapping[str, Any]] = []
         self.last_train: Mapping[str, Any] | None = None
         self.train_loss: dict[int, float] = {}

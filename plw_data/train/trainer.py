@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import ConfigError, PLWError
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import closing_token_ids, collate_rows, eval_path, load_split, model_kwargs, run_tokenizer, target_weight
+from .data import closing_token_ids, collate_rows, eval_path, load_split, model_kwargs, run_tokenizer, target_weight, verify_data
 from .distributed import all_reduce_sum, barrier, default_dist_env, init_distributed
 from .ds_config import build_ds_config, load_ds_config, lr_multiplier
 from .model import build_optimizer, decoder_and_head, load_model, loss_module, resolve_dtype
@@ -89,6 +89,7 @@ class Trainer:
         self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         self._check_output()
+        verify_data(cfg)
         self.train_ds = load_split(Path(cfg.data) / "train", "train")
         eval_dir = eval_path(cfg)
         self.eval_ds = load_split(eval_dir, "eval") if eval_dir else None
