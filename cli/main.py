@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -36,7 +37,7 @@ def _main(
     """Instruction-tuning data with a prompt-loss-weight: exact masks, global packing, statistics."""
 
 
-def _prepare(inputs: list[str], output: Path, recipe: Optional[Path] = None, overwrite: bool = False,
+def _prepare(output: Path, inputs: Optional[list[str]] = None, recipe: Optional[Path] = None, overwrite: bool = False,
              quiet: bool = False, **flags: Any) -> None:
     from rich.console import Console
 
@@ -44,16 +45,22 @@ def _prepare(inputs: list[str], output: Path, recipe: Optional[Path] = None, ove
     from plw_data.prepare.pipeline import prepare as run
     from plw_data.prepare.report import summary_table
 
-    cfg = build_config(DataConfig, load_recipe(recipe), o.given(flags, DataConfig), source=str(recipe))
+    from plw_data.prepare.mixture import mixture_recipe
+
+    given = o.given(flags, DataConfig)
+    base = mixture_recipe(given["mix"], recipe) if given.get("mix") else load_recipe(recipe)
+    cfg = build_config(DataConfig, base, given, source=str(given.get("mix") or recipe))
     console = Console(stderr=True, quiet=quiet)
-    manifest = run(inputs, cfg, output, overwrite=overwrite, progress=not quiet, log=console.print)
+    manifest = run(inputs or [], cfg, output, overwrite=overwrite, progress=not quiet, log=console.print)
     console.print(summary_table(manifest, output))
 
 
 app.command("prepare")(o.command(o.handle_errors(_prepare), [
-    o.param("inputs", Annotated[list[str], typer.Argument(
-        help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset.", show_default=False)]),
     o.param("output", Annotated[Path, typer.Option("--output", "-o", help="Output directory.", show_default=False)]),
+    inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+        Optional[list[str]], typer.Argument(
+            help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset (none with --mix).",
+            show_default=False)]),
     o.param("recipe", o.Recipe, None),
     o.param("overwrite", Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")], False),
     o.param("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")], False),

@@ -61,6 +61,8 @@ class DataConfig:
     num_shards: int = option(1, "Split the job over K machines (see plw-data merge)...", group="prepare")
     shard_index: int = option(0, "...this one prepares slice i of K.", group="prepare")
     trust_remote_code: bool = option(False, "Allow a tokenizer's own code (off by default).")
+    mix: str | None = option(None, "Mixture YAML: several sources, each with its inputs, recipe and share "
+                             "(docs/mixtures.md); replaces INPUT...", group="prepare")
 
     def validate(self) -> None:
         _check_literal(self, "format", Format)
