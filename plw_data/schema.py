@@ -153,12 +153,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 # -- split folders (datasets.load_from_disk layout) ------------------------------------------------
 
 
-def features_json() -> tuple[dict[str, Any], dict[bytes, bytes]]:
-    """The `datasets` feature description of SCHEMA, in the installed version's own dialect."""
+def features_json(optional: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[bytes, bytes]]:
+    """The `datasets` feature description of a split's schema, in the installed version's own dialect."""
     import datasets
 
     seq = datasets.List if hasattr(datasets, "List") else datasets.Sequence
-    features = datasets.Features({name: seq(datasets.Value(str(t))) for name, t in COLUMNS.items()})
+    schema = schema_with(optional)
+    features = datasets.Features({f.name: seq(datasets.Value(str(f.type.value_type))) for f in schema})
     return features.to_dict(), features.arrow_schema.metadata
 
 

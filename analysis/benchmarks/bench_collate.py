@@ -102,12 +102,21 @@ def main() -> None:
 
     plain = PLWCollator(0.1)
     full = PLWCollator(0.1, emit_cu_seqlens=True, return_example_ids=True)
+    # A mixture: a source per example, per-message weights on every second row, reasoning masks.
+    mixed_rows = [
+        {**r, "source_index": [k % 3 for k in range(len(r["seq_lengths"]))],
+         "reasoning_mask": [int(c and (t % 5 == 0)) for t, c in enumerate(r["completion_mask"])],
+         "message_weight": None if j % 2 else [0.5] * len(r["input_ids"])}
+        for j, r in enumerate(rows)
+    ]
+    mixed = PLWCollator({"race": 0.01, "alpaca": 1.0, "gsm8k": 0.1}, sources=["race", "alpaca", "gsm8k"], reasoning_weight=0.5)
     flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
     unpacked = [[{"input_ids": examples[i]["input_ids"]} for m in packed[s] for i in m] for s in per_batch]
     cases = {
         "PLWCollator (list rows)": (plain, [rows[s] for s in per_batch]),
         "PLWCollator +cu_seqlens +example_ids (list rows)": (full, [rows[s] for s in per_batch]),
         "PLWCollator (numpy rows)": (plain, [np_rows[s] for s in per_batch]),
+        "PLWCollator per-source PLW + message weights + reasoning (list rows)": (mixed, [mixed_rows[s] for s in per_batch]),
         "DataCollatorWithFlattening (list examples)": (flatten, unpacked),
     }
     results = {name: _throughput(fn, batches, tokens, args.repeats) for name, (fn, batches) in cases.items()}

@@ -2,6 +2,15 @@
 
 Every token carries the weight of *predicting* it: completion tokens ``completion_weight`` (1),
 prompt tokens ``prompt_loss_weight`` (PLW), template tokens ``template_weight`` (default: PLW).
+Optional columns refine it: reasoning tokens (``reasoning_mask``, a subset of completion) weigh
+``completion_weight * reasoning_weight``; ``message_weight`` multiplies a token's weight by its
+message's weight; with ``source_index`` (a mixture) the PLW and template weight may be given per
+source, as ``{"race": 0.01, "alpaca": 1.0}`` with ``sources`` naming the manifest's order::
+
+    tokens     <s> U U U <a> R R R A A </a> | <s> U U <a> A A </a>
+    source     race                         | alpaca
+    weight     0   p p p  p  c·r ... c c  c  | 0   P P  P  c c  c     p = PLW[race], P = PLW[alpaca]
+                                               (first token of each example: never a target)
 ``labels`` and ``loss_weights`` are aligned with ``input_ids``; the loss shifts by one as
 transformers does (hidden state t predicts token t+1), see :mod:`plw_data.loss`. The first token of
 every example is never a target: nothing of its own example precedes it.
@@ -50,10 +59,12 @@ import numpy as np
 import torch
 
 from .. import schema as S
-from ..schema import COMPLETION, IGNORE_INDEX, PROMPT, TEMPLATE  # noqa: F401  (codes of `category`)
+from ..schema import COMPLETION, IGNORE_INDEX, PROMPT, REASONING, TEMPLATE  # noqa: F401  (codes of `category`)
 
-#: ``category`` code of padding (returned with ``return_example_ids=True``; the others are the schema's).
+#: ``category`` code of padding (returned with ``return_example_ids=True``; the others are the schema's,
+#: REASONING included).
 PAD = -1
+_PAD_CODE = REASONING + 1  # padding's row in the weight table (weight 0)
 _MASKS = S.MASK_COLUMNS  # index == category code
 _MODEL_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -77,49 +88,76 @@ class PLWCollator:
 
     def __init__(
         self,
-        prompt_loss_weight: float = 0.0,
-        template_weight: float | None = None,
+        prompt_loss_weight: float | Mapping[str, float] = 0.0,
+        template_weight: float | Mapping[str, float] | None = None,
         completion_weight: float = 1.0,
         pad_to_multiple_of: int | None = None,
         pad_token_id: int = 0,
         emit_cu_seqlens: bool = False,
         return_example_ids: bool = False,
         return_attention_mask: bool = False,
+        reasoning_weight: float = 1.0,
+        sources: Sequence[str] | None = None,
     ) -> None:
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of!r}")
-        self.set_weights(prompt_loss_weight, template_weight, completion_weight)
+        self.sources = tuple(sources) if sources is not None else None
+        self.set_weights(prompt_loss_weight, template_weight, completion_weight, reasoning_weight)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = int(pad_token_id)
         self.emit_cu_seqlens = emit_cu_seqlens
         self.return_example_ids = return_example_ids
         self.return_attention_mask = return_attention_mask
 
-    def set_weights(self, prompt_loss_weight: float, template_weight: float | None = None,
-                    completion_weight: float = 1.0) -> None:
-        """Change the weights (a PLW schedule does, every update) without building a new collator."""
+    def set_weights(self, prompt_loss_weight: float | Mapping[str, float], template_weight: float | Mapping[str, float] | None = None,
+                    completion_weight: float = 1.0, reasoning_weight: float | None = None) -> None:
+        """Change the weights (a PLW schedule does, every update) without building a new collator.
+
+        ``reasoning_weight`` None keeps the current one."""
+        if reasoning_weight is None:
+            reasoning_weight = getattr(self, "reasoning_weight", 1.0)
         template = prompt_loss_weight if template_weight is None else template_weight
-        for name, value in (
-            ("prompt_loss_weight", prompt_loss_weight),
-            ("template_weight", template),
-            ("completion_weight", completion_weight),
-        ):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        self.prompt_loss_weight = float(prompt_loss_weight)
-        self.template_weight = float(template)
+        plw = self._per_source("prompt_loss_weight", prompt_loss_weight)
+        tw = self._per_source("template_weight", template)
+        for name, value in (("completion_weight", completion_weight), ("reasoning_weight", reasoning_weight)):
+            _check_weight(name, value)
+        self.prompt_loss_weight = prompt_loss_weight if isinstance(prompt_loss_weight, Mapping) else float(prompt_loss_weight)
+        self.template_weight = template if isinstance(template, Mapping) else float(template)
         self.completion_weight = float(completion_weight)
-        # Indexed by category code; index 3 (internal pad code) weighs 0.
-        self._weight_table = np.array([template, prompt_loss_weight, completion_weight, 0.0], dtype=np.float32)
+        self.reasoning_weight = float(reasoning_weight)
+        self._by_source = isinstance(prompt_loss_weight, Mapping) or isinstance(template, Mapping)
+        # [source, code]: codes TEMPLATE, PROMPT, COMPLETION, REASONING, then _PAD_CODE (weight 0).
+        table = np.zeros((max(len(plw), len(tw)), _PAD_CODE + 1), np.float32)
+        table[:, TEMPLATE], table[:, PROMPT] = tw, plw
+        table[:, COMPLETION] = completion_weight
+        table[:, REASONING] = completion_weight * reasoning_weight
+        self._weight_table = table
+
+    def _per_source(self, name: str, value: float | Mapping[str, float]) -> np.ndarray:
+        """One weight per source (in ``sources`` order), or one for all."""
+        if not isinstance(value, Mapping):
+            _check_weight(name, value)
+            return np.array([value], np.float32)
+        if self.sources is None:
+            raise ValueError(f"{name} per source needs sources=[names in the prepared DIR's manifest order]")
+        unknown = sorted(set(value) - set(self.sources))
+        missing = [s for s in self.sources if s not in value]
+        if unknown or missing:
+            what = f"unknown source(s) {', '.join(unknown)}" if unknown else f"no value for source(s) {', '.join(missing)}"
+            raise ValueError(f"{name}: {what} (sources: {', '.join(self.sources)})")
+        for source, v in value.items():
+            _check_weight(f"{name}[{source}]", v)
+        return np.array([value[s] for s in self.sources], np.float32)
 
     def __repr__(self) -> str:
         return (
             f"PLWCollator(prompt_loss_weight={self.prompt_loss_weight}, template_weight={self.template_weight}, "
-            f"completion_weight={self.completion_weight})"
+            f"completion_weight={self.completion_weight}, reasoning_weight={self.reasoning_weight})"
         )
 
     def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """Collate ``rows`` (a list of row dicts, or one dict of columns as ``dataset[i:j]`` gives)."""
+        per_source = self._by_source
         cols = _columns(rows, self.return_example_ids)
         n_rows = len(cols[S.INPUT_IDS])
         if n_rows == 0:
@@ -154,8 +192,19 @@ class PLWCollator:
 
         position = np.arange(total, dtype=np.int64) - np.repeat(seg_start, seg)
         grid_ids = _grid(ids, row_len, width, self.pad_token_id)
-        grid_cat = _grid(category, row_len, width, 3)  # 3: internal pad code, weight 0
-        weights = self._weight_table[grid_cat]
+        source = _concat(cols[S.SOURCE_INDEX], np.int64, S.SOURCE_INDEX) if S.SOURCE_INDEX in cols else None
+        if per_source and source is None:
+            raise ValueError(f"a PLW per source needs rows with {S.SOURCE_INDEX!r} (a DIR prepared with --mix)")
+        if source is not None:
+            _check_lengths(cols, S.SOURCE_INDEX, n_ex)
+        grid_cat = _grid(category, row_len, width, _PAD_CODE)
+        if not per_source and S.MESSAGE_WEIGHT not in cols:
+            weights = self._weight_table[0][grid_cat]  # the common case: one table lookup on the grid
+        else:
+            flat = self._weight_table[np.repeat(source, seq) if per_source else 0, category]
+            if S.MESSAGE_WEIGHT in cols:
+                flat = flat * _message_weights(cols[S.MESSAGE_WEIGHT], row_len)
+            weights = _grid(flat.astype(np.float32, copy=False), row_len, width, 0)
         weights.reshape(-1)[seg_start] = 0.0
         labels = np.where(weights > 0, grid_ids, IGNORE_INDEX)
         real = np.arange(width) < row_len[:, None]
@@ -178,6 +227,8 @@ class PLWCollator:
             _check_lengths(cols, S.EXAMPLE_INDEX, n_ex)
             example = _concat(cols[S.EXAMPLE_INDEX], np.int64, S.EXAMPLE_INDEX)
             batch["example_id"] = torch.from_numpy(_grid(np.repeat(example, seq), row_len, width, -1))
+            if source is not None:
+                batch["source_id"] = torch.from_numpy(_grid(np.repeat(source, seq), row_len, width, -1))
         return batch
 
 
@@ -207,8 +258,11 @@ def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], wi
         missing = [f for f in fields if f not in rows]
         if missing:
             raise KeyError(f"batch has no field {missing[0]!r} (fields: {sorted(rows)})")
-        return {f: list(rows[f]) for f in fields}
+        return {f: list(rows[f]) for f in (*fields, *S.OPTIONAL_COLUMNS) if f in rows}
     cols: dict[str, list] = {}
+    for field in S.OPTIONAL_COLUMNS:  # present in every row of a DIR that has it
+        if rows and field in rows[0]:
+            cols[field] = [row.get(field) for row in rows]
     for field in fields:
         try:
             cols[field] = [row[field] for row in rows]
@@ -275,7 +329,32 @@ def _category(cols: dict[str, list], row_len: np.ndarray) -> np.ndarray:
             f"row {row}, token {token}: fields prompt_mask/completion_mask/template_mask must have exactly "
             f"one 1 per token, got {values}"
         )
-    return (prompt + 2 * completion).astype(np.int8)
+    codes = (prompt * PROMPT + completion * COMPLETION).astype(np.int8)
+    if S.REASONING_MASK in cols:
+        reasoning = _concat(cols[S.REASONING_MASK], np.uint8, S.REASONING_MASK).astype(bool)
+        if (reasoning & (completion == 0)).any():
+            i = int(np.argmax(reasoning & (completion == 0)))
+            row = int(np.searchsorted(np.cumsum(row_len), i, side="right"))
+            raise ValueError(f"row {row}: field {S.REASONING_MASK!r} marks a token that is not completion")
+        codes[reasoning] = REASONING
+    return codes
+
+
+def _message_weights(rows: list, row_len: np.ndarray) -> np.ndarray:
+    """Per-token message weights; a None row (stored as null) means every weight is 1."""
+    parts = [np.ones(n, np.float32) if w is None else np.asarray(w, np.float32) for w, n in zip(rows, row_len.tolist())]
+    bad = [i for i, (p, n) in enumerate(zip(parts, row_len.tolist())) if p.shape != (n,)]
+    if bad:
+        raise ValueError(f"row {bad[0]}: field {S.MESSAGE_WEIGHT!r} has {parts[bad[0]].size} entries, expected {row_len[bad[0]]}")
+    flat = np.concatenate(parts)
+    if not np.isfinite(flat).all() or (flat < 0).any():
+        raise ValueError(f"field {S.MESSAGE_WEIGHT!r} holds a weight that is negative or not finite")
+    return flat
+
+
+def _check_weight(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _segments(cols: dict[str, list], row_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

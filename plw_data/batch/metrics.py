@@ -5,6 +5,9 @@ over batches, all-reduces them over ranks and turns them into metrics (:func:`me
 Logits are never gathered: :func:`plw_data.batch.loss.token_ce_and_argmax` gives [B, L] CE/correct, and
 everything here is masks, sums and one scatter-add per example.
 
+Reasoning tokens (category REASONING) count as completion everywhere, and also alone in
+``eval_reasoning_loss``, reported only when the eval data has any.
+
 Targets are the tokens whose label is not -100: every token but the first of each example and the
 padding, when the batch comes from ``PLWCollator(prompt_loss_weight=1.0, template_weight=1.0,
 return_example_ids=True)``. A target's category is that of the predicted token.
@@ -20,12 +23,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..schema import COMPLETION, IGNORE_INDEX, PROMPT, TEMPLATE
+from ..schema import COMPLETION, IGNORE_INDEX, PROMPT, REASONING, TEMPLATE
 # Layout of the sums vector.
 CE = {TEMPLATE: 0, PROMPT: 1, COMPLETION: 2}
 COUNT = {TEMPLATE: 3, PROMPT: 4, COMPLETION: 5}
 CORRECT_COMPLETION, ANSWER_CORRECT, ANSWER_TOTAL = 6, 7, 8
-N_SUMS = 9
+CE_REASONING, COUNT_REASONING = 9, 10  # reasoning tokens are also counted as completion
+N_SUMS = 11
 
 
 @torch.no_grad()
@@ -44,11 +48,15 @@ def eval_sums(
     ce = ce.flatten().double()
     correct = correct.flatten()
     sums = torch.zeros(N_SUMS, dtype=torch.float64, device=ce.device)
+    reasoning = target & (cat == REASONING)
     for code in (TEMPLATE, PROMPT, COMPLETION):
         sel = target & (cat == code)
+        if code == COMPLETION:
+            sel = sel | reasoning
         sums[CE[code]] = (ce * sel).sum()
         sums[COUNT[code]] = sel.sum()
-    completion = target & (cat == COMPLETION)
+    sums[CE_REASONING], sums[COUNT_REASONING] = (ce * reasoning).sum(), reasoning.sum()
+    completion = target & ((cat == COMPLETION) | reasoning)
     sums[CORRECT_COMPLETION] = (correct & completion).sum()
     n_correct, n_total = _answer_counts(completion, correct, example_id.flatten(), input_ids.flatten(), closing_ids)
     sums[ANSWER_CORRECT], sums[ANSWER_TOTAL] = n_correct, n_total
@@ -84,7 +92,7 @@ def metrics_from_sums(sums: Tensor) -> dict[str, float | None]:
 
     ce_all = sum(s[CE[c]] for c in CE)
     n_all = sum(s[COUNT[c]] for c in COUNT)
-    return {
+    metrics = {
         "eval_prompt_loss": ratio(s[CE[PROMPT]], s[COUNT[PROMPT]]),
         "eval_completion_loss": ratio(s[CE[COMPLETION]], s[COUNT[COMPLETION]]),
         "eval_template_loss": ratio(s[CE[TEMPLATE]], s[COUNT[TEMPLATE]]),
@@ -94,6 +102,9 @@ def metrics_from_sums(sums: Tensor) -> dict[str, float | None]:
         "eval_tokens": int(n_all),
         "eval_examples": int(s[ANSWER_TOTAL]),
     }
+    if s[COUNT_REASONING] > 0:  # only data with reasoning tokens reports it
+        metrics["eval_reasoning_loss"] = ratio(s[CE_REASONING], s[COUNT_REASONING])
+    return metrics
 
 
 # -- per source of a mixture (docs/mixtures.md) -----------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError, RowError
-from ..schema import COMPLETION, PROMPT, TEMPLATE
+from ..schema import COMPLETION, PROMPT, REASONING, TEMPLATE
 from ..tokenizer import special_ids
 from .formats import RESERVED, Conversation
 
@@ -60,7 +60,8 @@ class EncodedBatch:
             empty = np.zeros(0, np.int64)
             return CountsBatch(self.example_index, empty, empty, empty, dropped)
         starts = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
-        per = [np.add.reduceat((self.category == c).astype(np.int64), starts) for c in (TEMPLATE, PROMPT, COMPLETION)]
+        completion = (self.category == COMPLETION) | (self.category == REASONING)
+        per = [np.add.reduceat(m.astype(np.int64), starts) for m in (self.category == TEMPLATE, self.category == PROMPT, completion)]
         return CountsBatch(self.example_index, *per, dropped)
 
     @staticmethod

@@ -54,12 +54,17 @@ def _merge_split(name: str, parts: list[Path], entries: list[dict[str, Any]], wo
         file = f"data-{j:05d}-of-{len(sources):05d}.arrow"
         _place(src, folder / file)
         shards.append({**s, "file": file})
-    features = json.loads((parts[0] / name / S.DATASET_INFO).read_text())["features"]
-    S.write_split_metadata(folder, shards, features)
+    infos = [json.loads((p / name / S.DATASET_INFO).read_text())["features"] for p in parts]
+    if any(info != infos[0] for info in infos):  # e.g. one slice had reasoning tokens and another none
+        bad = next(p for p, info in zip(parts, infos) if info != infos[0])
+        raise ConfigError(f"{bad / name}: its columns differ from {parts[0] / name}'s; prepare the job in one run")
+    S.write_split_metadata(folder, shards, infos[0])
     entry = {key: sum(e[key] for e in entries) for key in S.SPLIT_TOTALS}
     length = entries[0]["max_length"]
     entry.update(max_length=length, packed=entries[0]["packed"], fill=S.fill(entry["tokens"], entry["rows"], length),
                  lower_bound_rows=S.lower_bound_rows(entry["tokens"], length), shards=shards)  # fmt: skip
+    if all("reasoning_tokens" in e for e in entries):
+        entry["reasoning_tokens"] = sum(e["reasoning_tokens"] for e in entries)
     return entry
 
 

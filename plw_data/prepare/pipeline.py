@@ -287,13 +287,16 @@ def prepare(
     finally:
         bar.close()
 
+    needed = {c for staged, _ in splits.values() for c in staged.optional_columns()}
+    optional = tuple(c for c in S.OPTIONAL_COLUMNS if c in needed)
     split_entries = {}
     for name, (staged, members) in splits.items():
         t_plan = time.perf_counter()
         plan = _plan(staged, members, cfg)
         log(f"{name}: planned {plan.n_rows:,} rows for {len(members):,} examples in {time.perf_counter() - t_plan:.2f}s")
         split_entries[name] = write_split(
-            work / name, staged, members, plan, max_length=cfg.max_length, packed=cfg.pack, shard_tokens=cfg.shard_tokens
+            work / name, staged, members, plan, max_length=cfg.max_length, packed=cfg.pack, shard_tokens=cfg.shard_tokens,
+            optional=optional,
         )
 
     dropped.sort(key=lambda d: d[0])
@@ -472,11 +475,14 @@ def prepare_mixture(
     splits = {"train": np.concatenate(train_members)}
     if any(len(e) for e in evals):
         splits["eval"] = np.concatenate(evals)
+    needed = staged.optional_columns()
+    optional = tuple(c for c in S.OPTIONAL_COLUMNS if c in needed)
     split_entries = {}
     for name, members in splits.items():
         plan = _plan(staged, members, cfg)
         split_entries[name] = write_split(
-            work / name, staged, members, plan, max_length=cfg.max_length, packed=cfg.pack, shard_tokens=cfg.shard_tokens
+            work / name, staged, members, plan, max_length=cfg.max_length, packed=cfg.pack, shard_tokens=cfg.shard_tokens,
+            optional=optional,
         )
     reasons = _write_dropped(work, dropped)
     kept = sum(s["kept"] for s in sources.values())

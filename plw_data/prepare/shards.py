@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import schema as S
-from ..schema import COMPLETION, PROMPT, TEMPLATE
+from ..schema import COMPLETION, PROMPT, REASONING, TEMPLATE
 from .encode import CountsBatch, EncodedBatch
 from .pack import PackPlan
 
@@ -27,42 +27,79 @@ ROWS_PER_BATCH = 256  # rows per Arrow record batch; also bounds the staging pag
 
 
 class Stage:
-    """Append-only on-disk store of encoded examples; read back memory-mapped."""
+    """Append-only on-disk store of encoded examples; read back memory-mapped.
+
+    Per-message weights are staged only once some example has them (earlier tokens get weight 1
+    then), so data without weights pays nothing for them."""
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self._ids = (folder / "ids.bin").open("wb")
         self._cats = (folder / "cats.bin").open("wb")
+        self._weights = None  # opened at the first weighted batch
+        self._tokens = 0
         self._lengths: list[np.ndarray] = []
         self._index: list[np.ndarray] = []
+        self._sources: list[np.ndarray] = []
+        self.has_reasoning = False
 
     def append(self, batch: EncodedBatch) -> None:
         self._ids.write(batch.input_ids.astype(np.int32, copy=False).tobytes())
         self._cats.write(batch.category.astype(np.uint8, copy=False).tobytes())
+        if batch.weight is not None and self._weights is None:
+            self._weights = (self.folder / "weights.bin").open("wb")
+            self._weights.write(np.ones(self._tokens, np.float32).tobytes())
+        if self._weights is not None:
+            w = batch.weight if batch.weight is not None else np.ones(len(batch.input_ids), np.float32)
+            self._weights.write(w.astype(np.float32, copy=False).tobytes())
+        self.has_reasoning = self.has_reasoning or bool((batch.category == REASONING).any())
+        self._tokens += len(batch.input_ids)
         self._lengths.append(batch.lengths)
         self._index.append(batch.example_index)
+        if batch.source is not None:
+            self._sources.append(batch.source)
+        elif self._sources:
+            raise ValueError("a batch without sources after batches with them")
 
     def close(self) -> StagedExamples:
-        self._ids.close()
-        self._cats.close()
+        for f in (self._ids, self._cats, self._weights):
+            if f is not None:
+                f.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         index = np.concatenate(self._index) if self._index else np.zeros(0, np.int64)
         total = int(lengths.sum())
         mm = lambda name, dt: np.memmap(self.folder / name, dt, "r", shape=(total,)) if total else np.zeros(0, dt)
-        return StagedExamples(mm("ids.bin", np.int32), mm("cats.bin", np.uint8), lengths, index)
+        return StagedExamples(
+            mm("ids.bin", np.int32),
+            mm("cats.bin", np.uint8),
+            lengths,
+            index,
+            weight=mm("weights.bin", np.float32) if self._weights is not None else None,
+            source=np.concatenate(self._sources).astype(np.int16) if self._sources else None,
+            has_reasoning=self.has_reasoning,
+        )
 
 
 @dataclass
 class StagedExamples:
     input_ids: np.ndarray  # int32 [T], memory-mapped
-    category: np.ndarray  # uint8 [T], memory-mapped
+    category: np.ndarray  # uint8 [T], memory-mapped: schema codes, REASONING included
     lengths: np.ndarray  # int64 [n]
     example_index: np.ndarray  # int64 [n]
+    weight: np.ndarray | None = None  # float32 [T], memory-mapped: per-message weight multipliers
+    source: np.ndarray | None = None  # int16 [n]
+    has_reasoning: bool = False
 
     @property
     def offsets(self) -> np.ndarray:
         return np.concatenate(([0], np.cumsum(self.lengths)))
+
+    def optional_columns(self) -> tuple[str, ...]:
+        """The optional columns these examples need (schema order)."""
+        need = {S.REASONING_MASK: self.has_reasoning, S.MESSAGE_WEIGHT: self.weight is not None,
+                S.SOURCE_INDEX: self.source is not None}
+        return tuple(name for name in S.OPTIONAL_COLUMNS if need[name])
 
 
 def _drop_pages(a: np.ndarray) -> None:
@@ -85,8 +122,20 @@ def _list(offsets: np.ndarray, values: np.ndarray, t: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=t))
 
 
+def _weight_list(token_offsets: np.ndarray, weights: np.ndarray) -> pa.Array:
+    """message_weight: one float per token, or a null row where every weight is 1 (costs a bit)."""
+    row_len = np.diff(token_offsets)
+    not_one = np.add.reduceat((weights != 1).astype(np.int64), token_offsets[:-1]) if len(weights) else row_len * 0
+    unit = (not_one == 0) & (row_len > 0)
+    keep = np.repeat(~unit, row_len)
+    offsets = np.concatenate(([0], np.cumsum(np.where(unit, 0, row_len))))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)), pa.array(weights[keep], type=pa.float32()), mask=pa.array(unit)
+    )
+
+
 def _record_batch(
-    staged: StagedExamples, starts: np.ndarray, items: np.ndarray, row_starts: np.ndarray
+    staged: StagedExamples, starts: np.ndarray, items: np.ndarray, row_starts: np.ndarray, optional: tuple[str, ...]
 ) -> tuple[pa.RecordBatch, np.ndarray]:
     """Rows built from staged examples `items` (positions), split into rows by row_starts; with the
     batch's token count per category (counted here so no pass ever gathers a whole split)."""
@@ -96,21 +145,35 @@ def _record_batch(
     cats = np.asarray(staged.category[gather])
     item_ends = np.concatenate(([0], np.cumsum(lengths)))
     token_offsets = item_ends[row_starts]
+    reasoning = cats == REASONING
     columns = {
         S.INPUT_IDS: _list(token_offsets, ids, pa.int32()),
         S.PROMPT_MASK: _list(token_offsets, (cats == PROMPT).view(np.uint8), pa.uint8()),
-        S.COMPLETION_MASK: _list(token_offsets, (cats == COMPLETION).view(np.uint8), pa.uint8()),
+        S.COMPLETION_MASK: _list(token_offsets, ((cats == COMPLETION) | reasoning).view(np.uint8), pa.uint8()),
         S.TEMPLATE_MASK: _list(token_offsets, (cats == TEMPLATE).view(np.uint8), pa.uint8()),
         S.SEQ_LENGTHS: _list(row_starts, lengths.astype(np.int32), pa.int32()),
         S.EXAMPLE_INDEX: _list(row_starts, staged.example_index[items], pa.int64()),
     }
-    batch = pa.RecordBatch.from_arrays([columns[name] for name in S.SCHEMA.names], schema=S.SCHEMA)
-    return batch, np.bincount(cats, minlength=3)
+    if S.REASONING_MASK in optional:
+        columns[S.REASONING_MASK] = _list(token_offsets, reasoning.view(np.uint8), pa.uint8())
+    if S.MESSAGE_WEIGHT in optional:
+        weights = np.asarray(staged.weight[gather]) if staged.weight is not None else np.ones(len(ids), np.float32)
+        columns[S.MESSAGE_WEIGHT] = _weight_list(token_offsets, weights)
+    if S.SOURCE_INDEX in optional:
+        sources = staged.source[items] if staged.source is not None else np.zeros(len(items), np.int16)
+        columns[S.SOURCE_INDEX] = _list(row_starts, sources, pa.int16())
+    schema = S.schema_with(optional)
+    batch = pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
+    counts = np.bincount(cats, minlength=REASONING + 1)
+    return batch, np.array([counts[TEMPLATE], counts[PROMPT], counts[COMPLETION] + counts[REASONING], counts[REASONING]])
 
 
 def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan: PackPlan, *, max_length: int,
-                packed: bool, shard_tokens: int) -> dict[str, Any]:
-    """Write one split; `plan` indexes into `members` (positions in `staged`). Returns its manifest entry."""
+                packed: bool, shard_tokens: int, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Write one split; `plan` indexes into `members` (positions in `staged`). Returns its manifest entry.
+
+    ``optional``: the optional columns every split of the DIR carries (one schema per DIR, so splits
+    and the slices of a multi-machine job merge)."""
     folder.mkdir(parents=True, exist_ok=True)
     starts = staged.offsets[:-1]
     items = members[plan.order]
@@ -120,9 +183,9 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
     n_shards = max(1, int(np.ceil(cum[-1] / shard_tokens))) if plan.n_rows else 1
     bounds = np.searchsorted(cum[:-1], np.arange(n_shards + 1) * shard_tokens, side="left")
     bounds[-1] = plan.n_rows
-    features, metadata = S.features_json()
-    schema = S.SCHEMA.with_metadata(metadata)
-    shards, per_cat = [], np.zeros(3, np.int64)
+    features, metadata = S.features_json(optional)
+    schema = S.schema_with(optional).with_metadata(metadata)
+    shards, per_cat = [], np.zeros(REASONING + 1, np.int64)
     for k in range(n_shards):
         name = f"data-{k:05d}-of-{n_shards:05d}.arrow"
         tmp = folder / (name + ".tmp")
@@ -131,11 +194,11 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
             for b0 in range(r0, r1, ROWS_PER_BATCH):
                 b1 = min(b0 + ROWS_PER_BATCH, r1)
                 rs = plan.row_starts[b0 : b1 + 1]
-                batch, counts = _record_batch(staged, starts, items[rs[0] : rs[-1]], rs - rs[0])
+                batch, counts = _record_batch(staged, starts, items[rs[0] : rs[-1]], rs - rs[0], optional)
                 writer.write_batch(batch.cast(schema))
                 per_cat += counts
-                _drop_pages(staged.input_ids)
-                _drop_pages(staged.category)
+                for staged_array in (staged.input_ids, staged.category, staged.weight):
+                    _drop_pages(staged_array)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, folder / name)
@@ -144,6 +207,7 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
     S.write_split_metadata(folder, shards, features)
     tokens = int(cum[-1])
     rows = plan.n_rows
+    extra = {"reasoning_tokens": int(per_cat[REASONING])} if S.REASONING_MASK in optional else {}
     return {
         "rows": rows,
         "examples": int(len(members)),
@@ -156,6 +220,7 @@ def write_split(folder: Path, staged: StagedExamples, members: np.ndarray, plan:
         "fill": S.fill(tokens, rows, max_length),
         "lower_bound_rows": S.lower_bound_rows(tokens, max_length),
         "shards": shards,
+        **extra,
     }
 
 

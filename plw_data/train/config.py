@@ -8,6 +8,7 @@ builds the command from this list, as it does for `plw-data prepare` from ``Data
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,6 +62,7 @@ class TrainConfig:
     )
     template_weight: str | None = _opt(None, "Template-token weight or schedule; default: the same as the PLW.")
     completion_weight: float = _opt(1.0, "Completion-token weight.")
+    reasoning_weight: float = _opt(1.0, "Reasoning tokens weigh completion weight x this (0: train on the answer only).")
     loss_chunk_size: int | None = _opt(None, "Target tokens per chunk of the fused loss (default: 256 MiB of logits).")
     # --- optimisation
     learning_rate: float = _opt(2e-4, "Peak learning rate (AdamW).")
@@ -120,8 +122,10 @@ class TrainConfig:
             raise ConfigError(f"--best-metric must be one of {', '.join(EVAL_METRICS)}; got {self.best_metric!r}")
         if self.resume and self.overwrite:
             raise ConfigError("give --resume or --overwrite, not both")
-        if self.completion_weight < 0:
-            raise ConfigError(f"--completion-weight must be >= 0, got {self.completion_weight}")
+        for name in ("completion_weight", "reasoning_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         self.prompt_loss_weight = str(self.prompt_loss_weight)
         if self.template_weight is not None:
             self.template_weight = str(self.template_weight)

@@ -259,12 +259,13 @@ class Trainer:
             **({"sources": self.sources} if self.sources else {}),
         )
 
-    def _weights(self, step: int) -> tuple[float | dict[str, float], float | None, float]:
-        """(PLW, or a PLW per source; template weight or None for "= PLW"; completion weight) at update ``step``."""
+    def _weights(self, step: int) -> tuple[float | dict[str, float], float | None, float, float]:
+        """(PLW or a PLW per source, template weight or None for "= PLW", completion, reasoning weight)
+        at update ``step``."""
         at = (step, self.total_steps, self.steps_per_epoch)
         template = None if self.template is None else self.template.value(*at)
         plw = self.plw.value(*at) if isinstance(self.plw, Schedule) else {n: s.value(*at) for n, s in self.plw.items()}
-        return plw, template, self.cfg.completion_weight
+        return plw, template, self.cfg.completion_weight, self.cfg.reasoning_weight
 
     def train_step(self) -> Event:
         """One update: collate the window, all-reduce Σw, then forward/backward each micro-batch."""
