@@ -1,8 +1,9 @@
-"""Mixtures: the mixture file, the share rules (pure functions), and `prepare --mix` end to end.
+"""Mixtures: the mixture file, the share rules (pure functions), `prepare --mix` end to end, and a
+PLW per source in plw-train and rg-stats.
 
-Tests marked "needs the lead's storage" depend on the writer of ``source_index`` and on verify
-knowing about up-sampled repeats (docs/mixtures.md); until those land they xfail at run time with
-that reason, and pass unchanged afterwards.
+test_mixture_verifies_and_rows_carry_their_source depends on verify accepting an up-sampled
+example's repeats (docs/mixtures.md); until it does, that test xfails at run time naming the check,
+and passes unchanged afterwards.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from conftest import REPO, require_shared, tokenizer_dir
 
 from plw_data import schema as S
 from plw_data.config import DataConfig, build_config
-from plw_data.errors import ConfigError
+from plw_data.errors import ConfigError, PLWError
 from plw_data.prepare.mixture import (
     Mixture,
     Share,
@@ -212,12 +213,15 @@ def test_three_source_mixture_counts_add_up(tmp_path: Path) -> None:
     assert all(Path(d["file"]).exists() and d["row"] >= 0 for d in not_sampled)
 
 
-def test_mixture_is_deterministic_and_rerun_is_a_noop(tmp_path: Path) -> None:
+def test_mixture_is_deterministic_verifies_and_rerun_is_a_noop(tmp_path: Path) -> None:
+    from plw_data.prepare.verify import verify
+
     mix = three_sources(tmp_path, race={"rows": 7}, alpaca={"rows": 9}, gsm8k={"rows": 5})
     assert run_prepare(mix, tmp_path / "a").returncode == 0
     assert run_prepare(mix, tmp_path / "b").returncode == 0
     shard = lambda d: sorted((d / "train").glob("*.arrow"))[0].read_bytes()
     assert shard(tmp_path / "a") == shard(tmp_path / "b")
+    verify(tmp_path / "a")  # no repeats: the plain coverage rule holds
     again = run_prepare(mix, tmp_path / "a")
     assert again.returncode == 0 and (tmp_path / "a" / S.MANIFEST).exists()
     other = run_prepare(mix, tmp_path / "c", "--seed", "4")
@@ -244,9 +248,13 @@ def test_mixture_verifies_and_rows_carry_their_source(tmp_path: Path) -> None:
     assert run_prepare(mix, tmp_path / "out").returncode == 0
     m = json.loads((tmp_path / "out" / S.MANIFEST).read_text())
     ds = datasets.load_from_disk(str(tmp_path / "out" / "train"))
-    if S.SOURCE_INDEX not in ds.column_names:
-        pytest.xfail("needs the lead's storage: source_index is not written yet")
-    verify(tmp_path / "out")
+    assert S.SOURCE_INDEX in ds.column_names
+    try:
+        verify(tmp_path / "out")
+    except PLWError as e:  # verify does not know about up-sampled repeats yet (docs/mixtures.md)
+        if "counts.kept" in str(e) or "appears more than once" in str(e):
+            pytest.xfail(f"needs verify to accept a mixture's repeated examples: {e}")
+        raise
     ranges = [s["index_range"] for s in m["sources"].values()]
     taken = np.zeros(3, np.int64)
     for row in ds:
@@ -255,3 +263,101 @@ def test_mixture_verifies_and_rows_carry_their_source(tmp_path: Path) -> None:
             assert ranges[k][0] <= idx < ranges[k][1]
             taken[k] += 1
     assert taken.tolist() == [s["taken"] for s in m["sources"].values()]
+
+
+# -- PLW per source: parsing, --prompt-share, per-source eval sums, training ------------------------
+
+
+def _manifest(tokens: dict[str, dict[str, int]]) -> dict:
+    sources, start = {}, 0
+    for name, t in tokens.items():
+        sources[name] = {"index_range": [start, start + 10], "tokens": t, "eval_tokens": t}
+        start += 10
+    return {"sources": sources}
+
+
+def _train_cfg(**kw):
+    from plw_data.train.config import TrainConfig
+
+    return build_config(TrainConfig, {}, {"model": "m", "data": "d", "output": "o", **kw})
+
+
+def test_per_source_plw_parsing() -> None:
+    from plw_data.train.schedule import Schedule
+
+    m = _manifest({"race": {}, "alpaca": {}, "gsm8k": {}})
+    names, plw = _train_cfg(prompt_loss_weight="race=linear:1:0.1@epoch=1, alpaca=1,*=0.05").plw_for(m)
+    assert names == ["race", "alpaca", "gsm8k"] and list(plw) == names
+    assert plw["race"] == Schedule("linear", (1.0, 0.1), plw["race"].positions) and str(plw["race"]) == "linear:1:0.1@epoch=1"
+    assert (plw["alpaca"].value(0, 10, 5), plw["gsm8k"].value(3, 10, 5)) == (1.0, 0.05)
+    names, plw = _train_cfg(prompt_loss_weight="step:1:0.1@epoch=1").plw_for(m)  # one schedule for all: '=' inside
+    assert isinstance(plw, Schedule) and plw.kind == "step"
+    for spec, message in [
+        ("race=0.1,typo=1,*=1", "--prompt-loss-weight: unknown source(s) typo (sources: race, alpaca, gsm8k)"),
+        ("race=0.1,alpaca=1", "--prompt-loss-weight: no PLW for source(s) gsm8k"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            _train_cfg(prompt_loss_weight=spec).plw_for(m)
+        assert str(e.value).startswith(message)
+    for spec in ("race=0.1,0.2", "race=-1", "race=0.1,race=0.2"):
+        with pytest.raises(ConfigError):
+            _train_cfg(prompt_loss_weight=spec)
+    with pytest.raises(ConfigError, match="not a mixture"):  # an old single-source DIR has no sources
+        _train_cfg(prompt_loss_weight="race=0.1").plw_for({"splits": {}})
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 0.9])
+def test_prompt_share_reproduces_the_formula_on_each_source(share: float) -> None:
+    from plw_data.rg.policy import loss_shares
+
+    tokens = {"race": {"prompt": 163464, "completion": 800, "template": 12400},
+              "alpaca": {"prompt": 9000, "completion": 40000, "template": 25000},
+              "gsm8k": {"prompt": 20000, "completion": 50000, "template": 6000}}
+    names, plw = _train_cfg(prompt_share=share).plw_for(_manifest(tokens))
+    for name, t in tokens.items():
+        w = plw[name].value(0, 1, 1)
+        assert w == pytest.approx(share * t["completion"] / ((1 - share) * (t["prompt"] + t["template"])), rel=1e-12)
+        s = loss_shares(t, w)
+        assert s["prompt"] + s["template"] == pytest.approx(share)
+    single = {"splits": {"train": {"prompt_tokens": 30, "completion_tokens": 10, "template_tokens": 10}}}
+    names, plw = _train_cfg(prompt_share=share).plw_for(single)  # an old single-source DIR: one PLW
+    assert names == [] and plw.value(0, 1, 1) == pytest.approx(share * 10 / ((1 - share) * 40))
+    with pytest.raises(ConfigError, match=r"--prompt-share must be in \[0, 1\)"):
+        _train_cfg(prompt_share=1.0)
+
+
+def test_eval_sums_per_source_add_up_to_the_whole() -> None:
+    import torch
+
+    from plw_data.batch.metrics import eval_sums, eval_sums_by_source, source_of_tokens
+
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 40
+    example_id = torch.sort(torch.randint(0, 30, (B, L), generator=g), dim=1).values
+    example_id[:, -3:] = -1  # padding
+    labels = torch.where(example_id < 0, torch.full((B, L), -100), torch.randint(0, 50, (B, L), generator=g))
+    args = (torch.rand(B, L, generator=g), torch.rand(B, L, generator=g) > 0.5, labels,
+            torch.randint(0, 3, (B, L), generator=g), example_id, torch.randint(0, 50, (B, L), generator=g), torch.tensor([7]))
+    source = source_of_tokens(example_id, torch.tensor([0, 10, 25, 30]))
+    assert source[example_id < 0].eq(-1).all() and source[(example_id >= 10) & (example_id < 25)].eq(1).all()
+    per = eval_sums_by_source(*args, source, 3)
+    assert torch.allclose(per.sum(0), eval_sums(*args))
+
+
+def test_mixture_trains_with_a_plw_per_source_and_reports_eval_per_source(tmp_path: Path) -> None:
+    from test_train import write_tiny_llama
+
+    from plw_data.train import train
+
+    mix = three_sources(tmp_path, race={"rows": 12}, alpaca={"rows": 6}, gsm8k={"rows": 6})
+    assert run_prepare(mix, tmp_path / "data").returncode == 0
+    cfg = _train_cfg(model=str(write_tiny_llama(tmp_path / "tiny")), data=str(tmp_path / "data"), output=str(tmp_path / "out"),
+                     dtype="fp32", progress=False, max_steps=2, micro_batch_size=4, prompt_loss_weight="race=linear:1:0.1,*=1")
+    events = train(cfg)
+    plws = [e["prompt_loss_weight"] for e in events if "train_loss" in e]
+    assert plws == [{"race": 1.0, "alpaca": 1.0, "gsm8k": 1.0}, {"race": pytest.approx(0.1), "alpaca": 1.0, "gsm8k": 1.0}]
+    ev = [e for e in events if "eval_completion_loss" in e][-1]
+    for name in ("race", "gsm8k"):
+        assert ev[f"eval_completion_loss/{name}"] is not None and ev[f"eval_examples/{name}"] > 0
+    assert ev["eval_completion_loss/alpaca"] is None and ev["eval_examples/alpaca"] == 0  # no eval split asked for
+    assert sum(ev[f"eval_examples/{n}"] for n in ("race", "alpaca", "gsm8k")) == ev["eval_examples"]

@@ -147,7 +147,7 @@ class TrainConfig:
         each source's token totals)."""
         names = list(manifest.get("sources") or {})
         if self.prompt_share is not None:
-            if "splits" not in manifest:
+            if "splits" not in manifest and "sources" not in manifest:
                 raise ConfigError(f"--prompt-share needs the token totals of {self.data}/manifest.json (plw-data prepare)")
             chosen = plw_from_share(manifest, self.prompt_share)
             if not names:
