@@ -361,3 +361,33 @@ def test_mixture_trains_with_a_plw_per_source_and_reports_eval_per_source(tmp_pa
         assert ev[f"eval_completion_loss/{name}"] is not None and ev[f"eval_examples/{name}"] > 0
     assert ev["eval_completion_loss/alpaca"] is None and ev["eval_examples/alpaca"] == 0  # no eval split asked for
     assert sum(ev[f"eval_examples/{n}"] for n in ("race", "alpaca", "gsm8k")) == ev["eval_examples"]
+
+
+def test_rg_stats_reports_each_source_and_loss_shares_under_a_plw_map(tmp_path: Path) -> None:
+    from plw_data.rg.report import RgOptions, run
+
+    mix = three_sources(tmp_path, race={"rows": 30}, alpaca={"rows": 10}, gsm8k={"rows": 8})
+    assert run_prepare(mix, tmp_path / "data").returncode == 0
+    m = json.loads((tmp_path / "data" / S.MANIFEST).read_text())
+    results = run([f"mix={tmp_path / 'data'}"], DataConfig(), RgOptions(plw="race=0.01,*=1", json=tmp_path / "r.json"), quiet=True)
+    by_name = {r["name"]: r for r in results}
+    assert list(by_name) == ["mix", "mix/race", "mix/alpaca", "mix/gsm8k"]
+    for key in ("total_prompt", "total_completion", "n"):  # the sources partition the whole
+        assert by_name["mix"][key] == sum(by_name[f"mix/{n}"][key] for n in ("race", "alpaca", "gsm8k"))
+    doc = json.loads((tmp_path / "r.json").read_text())
+    (shares,) = doc["loss_shares"]
+    for name, row in shares["sources"].items():
+        assert row["tokens"] == m["sources"][name]["tokens"]  # masks on disk agree with the manifest
+        assert row["plw"] == (0.01 if name == "race" else 1.0)
+        t, w = row["tokens"], row["plw"]
+        assert row["loss_share"]["completion"] == pytest.approx(t["completion"] / (w * (t["prompt"] + t["template"]) + t["completion"]))
+    assert sum(r["of_mixture"] for r in shares["sources"].values()) == pytest.approx(1.0)
+    assert sum(shares["mixture"]["loss_share"].values()) == pytest.approx(1.0)
+    # --prompt-share: every source's prompt side carries exactly S
+    run([str(tmp_path / "data")], DataConfig(), RgOptions(prompt_share=0.3, json=tmp_path / "s.json"), quiet=True)
+    (shares,) = json.loads((tmp_path / "s.json").read_text())["loss_shares"]
+    for row in shares["sources"].values():
+        assert row["loss_share"]["prompt"] + row["loss_share"]["template"] == pytest.approx(0.3)
+        assert row["plw"] == pytest.approx(0.3 / 0.7 * row["rg"])
+    with pytest.raises(ConfigError, match="unknown source"):
+        run([str(tmp_path / "data")], DataConfig(), RgOptions(plw="nope=1"), quiet=True)
