@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+from inspect import Parameter
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -42,10 +42,9 @@ def _prepare(output: Path, inputs: Optional[list[str]] = None, recipe: Optional[
     from rich.console import Console
 
     from plw_data.config import build_config, load_recipe
+    from plw_data.prepare.mixture import mixture_recipe
     from plw_data.prepare.pipeline import prepare as run
     from plw_data.prepare.report import summary_table
-
-    from plw_data.prepare.mixture import mixture_recipe
 
     given = o.given(flags, DataConfig)
     base = mixture_recipe(given["mix"], recipe) if given.get("mix") else load_recipe(recipe)
@@ -57,10 +56,10 @@ def _prepare(output: Path, inputs: Optional[list[str]] = None, recipe: Optional[
 
 app.command("prepare")(o.command(o.handle_errors(_prepare), [
     o.param("output", Annotated[Path, typer.Option("--output", "-o", help="Output directory.", show_default=False)]),
-    inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+    Parameter("inputs", Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
         Optional[list[str]], typer.Argument(
-            help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset (none with --mix).",
-            show_default=False)]),
+            metavar="INPUTS", show_default=False,
+            help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset (none with --mix).")]),
     o.param("recipe", o.Recipe, None),
     o.param("overwrite", Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")], False),
     o.param("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")], False),
@@ -71,7 +70,7 @@ app.command("prepare")(o.command(o.handle_errors(_prepare), [
 @app.command()
 @o.handle_errors
 def inspect(
-    directory: Annotated[Path, typer.Argument(help="A prepared directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A prepared directory.")],
     split: Annotated[str, typer.Option("--split")] = "train",
     index: Annotated[int, typer.Option("--index", "-i", help="Row number within the split.")] = 0,
     ids: Annotated[bool, typer.Option("--ids", help="Also list every token with its id and category.")] = False,
@@ -88,7 +87,7 @@ def inspect(
 @app.command()
 @o.handle_errors
 def verify(
-    directory: Annotated[Path, typer.Argument(help="A prepared directory.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A prepared directory.")],
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="Check against this tokenizer.")] = None,
 ) -> None:
     """Check a prepared directory: manifest, checksums, schema, masks, totals, row coverage, tokenizer."""
@@ -102,7 +101,7 @@ def verify(
 @app.command()
 @o.handle_errors
 def merge(
-    parts: Annotated[list[Path], typer.Argument(help="The K outputs of prepare --num-shards K --shard-index 0..K-1.")],
+    parts: Annotated[list[Path], typer.Argument(metavar="PARTS", help="The K outputs of prepare --num-shards K --shard-index 0..K-1.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Merged directory.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUTPUT.")] = False,
 ) -> None:

@@ -39,7 +39,7 @@ def _flag_type(tp: Any) -> Any:
 
 
 def _default_text(default: Any, tp: Any) -> str:
-    if tp is bool:
+    if tp is bool and default is not None:  # None: decided at run time (e.g. --chat-template)
         return f"  \\[default: {'on' if default else 'off'}]"
     if default in (None, [], ""):
         return ""

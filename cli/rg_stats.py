@@ -27,7 +27,7 @@ def _rg_stats(inputs: list[str], recipe: Optional[Path] = None, quiet: bool = Fa
 
 rg_stats = o.command(o.handle_errors(_rg_stats), [
     o.param("inputs", Annotated[list[str], typer.Argument(
-        metavar="INPUT_OR_DIR...", show_default=False,
+        metavar="INPUT_OR_DIR", show_default=False,
         help="Raw input files or prepared directories; NAME=PATH names a dataset (default: the file stem).")]),
     o.param("recipe", o.Recipe, None),
     o.param("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")], False),

@@ -95,26 +95,16 @@ def rows(examples) -> list[dict]:
     return [_pack([e[0], e[2], e[1], e[3]], [0, 2, 1, 3]), _pack([e[4], e[5]], [4, 5])]
 
 
-def _tiny_llama(attn: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _tiny_llama(folder, attn: str):
+    """conftest.py's tiny random Llama (SmolLM2 vocabulary) under the given attention implementation."""
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(load_tokenizer(TOKENIZER)),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation=attn, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
-def model(request):
-    return _tiny_llama(request.param)
+def model(request, tiny_model):
+    return _tiny_llama(tiny_model, request.param)
 
 
 def _alone_logits(model, example) -> torch.Tensor:
@@ -148,8 +138,8 @@ def test_packed_padded_logits_equal_alone(model, rows, examples):
     assert seen == 6
 
 
-def test_packed_weighted_loss_equals_per_example(rows, examples):
-    model = _tiny_llama("sdpa")
+def test_packed_weighted_loss_equals_per_example(rows, examples, tiny_model):
+    model = _tiny_llama(tiny_model, "sdpa")
     collate = PLWCollator(0.1, template_weight=0.05)
     batch = collate(rows)
     with torch.no_grad():
@@ -169,9 +159,9 @@ def test_packed_weighted_loss_equals_per_example(rows, examples):
     torch.testing.assert_close(batch["loss_weights"].sum(), total_w)
 
 
-def test_default_use_cache_leaks_across_packed_examples(rows, examples):
+def test_default_use_cache_leaks_across_packed_examples(rows, examples, tiny_model):
     """Why use_cache=False: with the default cache, packed-sequence detection is skipped."""
-    model = _tiny_llama("sdpa")
+    model = _tiny_llama(tiny_model, "sdpa")
     assert model.config.use_cache
     batch = PLWCollator(0.1)(rows)
     second = _alone_logits(model, examples[2])  # row 0's second example

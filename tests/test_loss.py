@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_llama_config
 from plw_data.batch.loss import (
     IGNORE_INDEX,
     naive_weighted_ce_from_logits,
@@ -170,19 +171,12 @@ def test_token_ce_and_argmax_matches_full_logits():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """conftest.py's tiny Llama with a 512-token vocabulary: the fp32 rounding of a softmax over
+    SmolLM2's 49,152 tokens would exceed this test's 1e-6 gradient tolerance on the tied embedding."""
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,  # as SmolLM2
-    )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=512), attn_implementation="eager")
 
 
 def test_tiny_llama_hidden_state_loss_equals_logits_loss(tiny_llama):

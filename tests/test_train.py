@@ -1,12 +1,11 @@
 """plw-train: loss normalisation, eval metrics, schedules, checkpoints; tiny random Llama on CPU.
 
-The prepared data are real RACE rows rendered in SmolLM2's ChatML layout with the real SmolLM2
-tokenizer, written in the CONTRACT §2 schema (packed rows with several examples each).
+The data (conftest.py `race_dir`) are real RACE rows prepared by `prepare` itself with the real
+SmolLM2 tokenizer and chat template (packed rows with two examples each; docs/format.md).
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from pathlib import Path
@@ -16,141 +15,10 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from conftest import load_tokenizer, require_shared  # noqa: E402
-
-SMOL = "smollm2-135m-instruct"
-T, P, C = 0, 1, 2  # template, prompt, completion
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+T, P, C = 0, 1, 2  # template, prompt, completion (plw_data.schema's codes)
 
 
-# --------------------------------------------------------------------------- test data
-
-
-def race_rows(n: int, *, words: int = 30) -> list[dict]:
-    """The first ``n`` RACE dev questions, articles cut to ``words`` words (keeps rows short)."""
-    rows = []
-    with gzip.open(require_shared("race/dev.jsonl.gz"), "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            row["article"] = " ".join(row["article"].split()[:words])
-            rows.append(row)
-            if len(rows) == n:
-                break
-    return rows
-
-
-def encode(tok, row: dict) -> tuple[list[int], list[int]]:
-    """Token ids and categories of one RACE question in SmolLM2's ChatML layout."""
-    options = "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", row["options"]))
-    user = f"{row['article']}\n\nQuestion: {row['question']}\n{options}\nAnswer with the letter."
-    pieces = [
-        ("<|im_start|>system\n", T),
-        (SYSTEM, P),
-        ("<|im_end|>\n<|im_start|>user\n", T),
-        (user, P),
-        ("<|im_end|>\n<|im_start|>assistant\n", T),
-        (row["answer"], C),
-        ("<|im_end|>", C),
-        ("\n", T),
-    ]
-    ids: list[int] = []
-    cats: list[int] = []
-    for text, cat in pieces:
-        piece = tok(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        cats += [cat] * len(piece)
-    return ids, cats
-
-
-def pack(examples: list[tuple[list[int], list[int]]], first_index: int, max_len: int) -> dict[str, list]:
-    """Greedy packing into rows of at most ``max_len`` tokens, in the CONTRACT §2 columns."""
-    columns = ("input_ids", "prompt_mask", "completion_mask", "template_mask", "seq_lengths", "example_index")
-    cols: dict[str, list] = {k: [] for k in columns}
-    row_ids: list[int] = []
-    row_cats: list[int] = []
-    lengths: list[int] = []
-    index: list[int] = []
-
-    def flush() -> None:
-        if not row_ids:
-            return
-        cats = np.array(row_cats)
-        cols["input_ids"].append(list(row_ids))
-        cols["prompt_mask"].append((cats == P).astype(int).tolist())
-        cols["completion_mask"].append((cats == C).astype(int).tolist())
-        cols["template_mask"].append((cats == T).astype(int).tolist())
-        cols["seq_lengths"].append(list(lengths))
-        cols["example_index"].append(list(index))
-        row_ids.clear(), row_cats.clear(), lengths.clear(), index.clear()
-
-    for i, (ids, cats) in enumerate(examples):
-        if len(row_ids) + len(ids) > max_len:
-            flush()
-        row_ids.extend(ids)
-        row_cats.extend(cats)
-        lengths.append(len(ids))
-        index.append(first_index + i)
-    flush()
-    return cols
-
-
-def write_prepared(out: Path, *, n_train: int, n_eval: int, max_len: int = 256) -> Path:
-    """DIR/train, DIR/eval and a minimal manifest naming the tokenizer."""
-    from datasets import Dataset, Features, Sequence, Value
-
-    tok = load_tokenizer(SMOL)
-    rows = race_rows(n_train + n_eval)
-    examples = [encode(tok, r) for r in rows]
-    features = Features(
-        {
-            "input_ids": Sequence(Value("int32")),
-            "prompt_mask": Sequence(Value("uint8")),
-            "completion_mask": Sequence(Value("uint8")),
-            "template_mask": Sequence(Value("uint8")),
-            "seq_lengths": Sequence(Value("int32")),
-            "example_index": Sequence(Value("int64")),
-        }
-    )
-    for split, exs, first in (("train", examples[:n_train], 0), ("eval", examples[n_train:], n_train)):
-        Dataset.from_dict(pack(exs, first, max_len), features=features).save_to_disk(str(out / split))
-    manifest = {"format_version": 1, "tokenizer": {"name_or_path": str(require_shared(f"tokenizers/{SMOL}"))}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
-def write_tiny_llama(out: Path, *, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    tok = load_tokenizer(SMOL)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    return out
-
-
-# --------------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_prepared(tmp_path_factory.mktemp("prepared"), n_train=16, n_eval=6)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny"))
+# --------------------------------------------------------------------------- helpers (fixtures: conftest.py)
 
 
 def make_config(model: Path, data: Path, out: Path, **overrides):
@@ -211,17 +79,17 @@ def reference_token_ce(model_dir: Path, split: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the loss the trainer optimises
 
 
-def test_loss_is_window_normalised_ce_plw0_completion_only_plw1_full(tmp_path, tiny_model, data_dir):
+def test_loss_is_window_normalised_ce_plw0_completion_only_plw1_full(tmp_path, tiny_model, race_dir):
     """Step 1 (PLW 0) logs completion-only mean CE, step 2 (PLW 1, template 1) full-sequence mean CE.
 
     One window holds every train row (12 rows = 4 x 3 micro-batches) and LR is 0, so both steps see the
     initial model (LoRA starts as the identity) and the reference is a plain full-logits forward pass.
     """
     events = run_train(
-        tiny_model, data_dir, tmp_path / "out", max_steps=2, micro_batch_size=4, gradient_accumulation_steps=3,
+        tiny_model, race_dir, tmp_path / "out", max_steps=2, micro_batch_size=4, gradient_accumulation_steps=3,
         learning_rate=0.0, prompt_loss_weight="step:0:1@step=1", template_weight="step:0:1@step=1",
     )
-    ref = reference_token_ce(tiny_model, data_dir / "train")
+    ref = reference_token_ce(tiny_model, race_dir / "train")
     ce = np.concatenate([r["ce"] for r in ref])
     cat = np.concatenate([r["cat"] for r in ref])
     train = [e for e in events if "train_loss" in e]
@@ -233,10 +101,10 @@ def test_loss_is_window_normalised_ce_plw0_completion_only_plw1_full(tmp_path, t
 
 
 @pytest.fixture(scope="module")
-def big_batch_run(tmp_path_factory, tiny_model, data_dir):
+def big_batch_run(tmp_path_factory, tiny_model, race_dir):
     """Full fine-tuning, 2 updates of one micro-batch of 4 rows (the reference for accumulation and ranks)."""
     out = tmp_path_factory.mktemp("big") / "out"
-    events = run_train(tiny_model, data_dir, out, max_steps=2, micro_batch_size=4, lora=False)
+    events = run_train(tiny_model, race_dir, out, max_steps=2, micro_batch_size=4, lora=False)
     return events, saved_weights(out / "last")
 
 
@@ -248,10 +116,10 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-def test_accumulation_4x1_equals_1x4(tmp_path, tiny_model, data_dir, big_batch_run):
+def test_accumulation_4x1_equals_1x4(tmp_path, tiny_model, race_dir, big_batch_run):
     big_events, big_weights = big_batch_run
     events = run_train(
-        tiny_model, data_dir, tmp_path / "out", max_steps=2, micro_batch_size=1, gradient_accumulation_steps=4, lora=False
+        tiny_model, race_dir, tmp_path / "out", max_steps=2, micro_batch_size=1, gradient_accumulation_steps=4, lora=False
     )
     assert train_losses(events) == pytest.approx(train_losses(big_events), rel=1e-6)
     initial = saved_weights(tiny_model)
@@ -260,10 +128,10 @@ def test_accumulation_4x1_equals_1x4(tmp_path, tiny_model, data_dir, big_batch_r
     assert_same_weights(saved_weights(tmp_path / "out" / "last"), big_weights)
 
 
-def test_zero3_equals_zero0(tmp_path, tiny_model, data_dir, big_batch_run):
+def test_zero3_equals_zero0(tmp_path, tiny_model, race_dir, big_batch_run):
     big_events, big_weights = big_batch_run
     events = run_train(
-        tiny_model, data_dir, tmp_path / "out", max_steps=2, micro_batch_size=2, gradient_accumulation_steps=2, lora=False,
+        tiny_model, race_dir, tmp_path / "out", max_steps=2, micro_batch_size=2, gradient_accumulation_steps=2, lora=False,
         zero_stage=3,
     )
     assert train_losses(events) == pytest.approx(train_losses(big_events), rel=1e-6)
@@ -273,12 +141,12 @@ def test_zero3_equals_zero0(tmp_path, tiny_model, data_dir, big_batch_run):
 # --------------------------------------------------------------------------- eval
 
 
-def test_max_steps_0_writes_one_eval_event_equal_to_unpacked_reference(tmp_path, tiny_model, data_dir):
+def test_max_steps_0_writes_one_eval_event_equal_to_unpacked_reference(tmp_path, tiny_model, race_dir):
     """Packed, batched eval (2 rows per pass, several examples per row) vs one unpacked forward per example."""
     out = tmp_path / "out"
-    events = run_train(tiny_model, data_dir, out, max_steps=0, eval_batch_size=2, eval_data=str(data_dir / "eval"))
+    events = run_train(tiny_model, race_dir, out, max_steps=0, eval_batch_size=2, eval_data=str(race_dir / "eval"))
     assert len(events) == 1 and events[0]["step"] == 0 and events[0]["epoch"] == 0
-    ref = reference_token_ce(tiny_model, data_dir / "eval")
+    ref = reference_token_ce(tiny_model, race_dir / "eval")
     ce = np.concatenate([r["ce"] for r in ref])
     cat = np.concatenate([r["cat"] for r in ref])
     hit = np.concatenate([r["hit"] for r in ref])
@@ -347,23 +215,23 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_reproduces_the_uninterrupted_run_and_bad_checkpoints_are_refused(tmp_path, tiny_model, data_dir):
+def test_resume_reproduces_the_uninterrupted_run_and_bad_checkpoints_are_refused(tmp_path, tiny_model, race_dir):
     from plw_data.train.checkpoint import MARKER, CheckpointError
     from plw_data.train import train
 
     # 12 rows, 4 per update: 3 updates per epoch, so the run crosses an epoch; LoRA dropout uses the RNG.
     opts = dict(max_steps=5, micro_batch_size=2, gradient_accumulation_steps=2, eval_steps=2, lora_dropout=0.2)
-    full = run_train(tiny_model, data_dir, tmp_path / "full", **opts)
+    full = run_train(tiny_model, race_dir, tmp_path / "full", **opts)
 
     def stop_at_3(event: dict) -> None:
         if event["step"] == 3 and "train_loss" in event:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(make_config(tiny_model, data_dir, tmp_path / "cut", **opts), on_event=stop_at_3)
+        train(make_config(tiny_model, race_dir, tmp_path / "cut", **opts), on_event=stop_at_3)
     with pytest.raises(Exception, match="holds a run already"):
-        run_train(tiny_model, data_dir, tmp_path / "cut", **opts)
-    resumed = run_train(tiny_model, data_dir, tmp_path / "cut", resume=True, **opts)
+        run_train(tiny_model, race_dir, tmp_path / "cut", **opts)
+    resumed = run_train(tiny_model, race_dir, tmp_path / "cut", resume=True, **opts)
 
     assert resumed == [{**e, "elapsed_s": r["elapsed_s"]} if "elapsed_s" in e else e for e, r in zip(full, resumed)]
     assert train_losses(resumed) == train_losses(full) and len(train_losses(full)) == 5
@@ -376,31 +244,31 @@ def test_resume_reproduces_the_uninterrupted_run_and_bad_checkpoints_are_refused
     data[-1] ^= 0xFF
     adapter.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="adapter_model.safetensors does not match its sha256"):
-        run_train(tiny_model, data_dir, tmp_path / "cut", resume=True, **opts)
+        run_train(tiny_model, race_dir, tmp_path / "cut", resume=True, **opts)
     (tmp_path / "cut" / "last" / MARKER).unlink()
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
-        run_train(tiny_model, data_dir, tmp_path / "cut", resume=True, **opts)
+        run_train(tiny_model, race_dir, tmp_path / "cut", resume=True, **opts)
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_model, data_dir):
+def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_model, race_dir):
     from plw_data.train import TrainingError
 
     # LR 1e30: the first update is finite; the weights it leaves overflow a later forward pass.
     with pytest.raises(TrainingError, match=r"non-finite train loss \(\w+\) at step \d+") as err:
         run_train(
-            tiny_model, data_dir, tmp_path / "out", max_steps=3, micro_batch_size=4, learning_rate=1e30, lora=False
+            tiny_model, race_dir, tmp_path / "out", max_steps=3, micro_batch_size=4, learning_rate=1e30, lora=False
         )
     logged = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert logged and f"at step {logged[-1] + 1};" in str(err.value)
 
 
-def test_early_stopping_keeps_best_and_last(tmp_path, tiny_model, data_dir):
+def test_early_stopping_keeps_best_and_last(tmp_path, tiny_model, race_dir):
     """Answer accuracy of a random model stays 0: the first eval is best, the second runs out of patience."""
     from plw_data.train.checkpoint import verify
 
     out = tmp_path / "out"
     events = run_train(
-        tiny_model, data_dir, out, max_steps=6, eval_steps=1, best_metric="eval_answer_accuracy",
+        tiny_model, race_dir, out, max_steps=6, eval_steps=1, best_metric="eval_answer_accuracy",
         early_stopping_patience=1, prompt_loss_weight="0", max_eval_rows=2,
     )
     assert [(e["step"], "train_loss" in e) for e in events] == [(1, True), (1, False), (2, True), (2, False)]
@@ -409,7 +277,7 @@ def test_early_stopping_keeps_best_and_last(tmp_path, tiny_model, data_dir):
     assert last["step"] == 2 and last["stopped_early"]
 
 
-def test_user_deepspeed_json_with_its_own_optimizer_bf16_zero2(tmp_path, tiny_model, data_dir):
+def test_user_deepspeed_json_with_its_own_optimizer_bf16_zero2(tmp_path, tiny_model, race_dir):
     """A --deepspeed JSON: "auto" takes the option, its accumulation, optimizer, scheduler and ZeRO-2 are used."""
     ds = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -422,7 +290,7 @@ def test_user_deepspeed_json_with_its_own_optimizer_bf16_zero2(tmp_path, tiny_mo
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     out = tmp_path / "out"
     events = run_train(
-        tiny_model, data_dir, out, deepspeed=str(tmp_path / "ds.json"), dtype="bf16", max_steps=2, micro_batch_size=3,
+        tiny_model, race_dir, out, deepspeed=str(tmp_path / "ds.json"), dtype="bf16", max_steps=2, micro_batch_size=3,
         prompt_loss_weight="0", max_eval_rows=1,
     )
     train = [e for e in events if "train_loss" in e]

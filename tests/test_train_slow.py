@@ -14,12 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, require_shared
-from test_train import (  # noqa: F401  (fixtures shared with test_train.py)
+from test_train import (  # noqa: F401  (big_batch_run: a fixture shared with test_train.py)
     assert_same_weights,
     big_batch_run,
-    data_dir,
     saved_weights,
-    tiny_model,
     train_losses,
 )
 
@@ -34,7 +32,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir, big_batch_run):
+def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, race_dir, big_batch_run):
     """2 ranks x micro-batch 2 (gloo, CPU) = 1 rank x micro-batch 4: same losses, same weights."""
     from plw_data.train.distributed import free_port
 
@@ -42,7 +40,7 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir,
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        "-m", "plw_data.cli.train", "--model", str(tiny_model), "--data", str(data_dir), "--output", str(out),
+        "-m", "plw_data.cli.train", "--model", str(tiny_model), "--data", str(race_dir), "--output", str(out),
         "--max-steps", "2", "--micro-batch-size", "2", "--no-lora", "--dtype", "fp32", "--learning-rate", "1e-3",
         "--warmup-ratio", "0", "--no-progress",
     ]  # fmt: skip
@@ -148,20 +146,20 @@ def _kill_when(cmd: list[str], metrics: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, data_dir):
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, race_dir):
     """A run SIGKILLed between checkpoints resumes from last/ to the same losses and weights; killed
     before its first checkpoint, --resume says so."""
     from test_train import run_train
 
     opts = dict(max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2, eval_steps=2, lora_dropout=0.2)
-    full = run_train(tiny_model, data_dir, tmp_path / "full", **opts)
+    full = run_train(tiny_model, race_dir, tmp_path / "full", **opts)
     out = tmp_path / "cut"
-    cmd = lambda out: [sys.executable, "-m", "plw_data.cli.train", "--model", str(tiny_model), "--data", str(data_dir),
+    cmd = lambda out: [sys.executable, "-m", "plw_data.cli.train", "--model", str(tiny_model), "--data", str(race_dir),
            "--output", str(out), "--dtype", "fp32", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--no-progress",
            "--max-steps", "6", "--micro-batch-size", "2", "--gradient-accumulation-steps", "2", "--eval-steps", "2",
            "--lora-dropout", "0.2"]  # fmt: skip
     _kill_when(cmd(out), out / "metrics.jsonl", step=3)  # last/ holds step 2; step 3 is lost
-    resumed = run_train(tiny_model, data_dir, out, resume=True, **opts)
+    resumed = run_train(tiny_model, race_dir, out, resume=True, **opts)
     assert len(train_losses(full)) == 6 and [e["step"] for e in resumed if "train_loss" in e] == [1, 2, 3, 4, 5, 6]
     assert train_losses(resumed) == pytest.approx(train_losses(full), rel=1e-6)
     assert_same_weights(saved_weights(out / "last"), saved_weights(tmp_path / "full" / "last"))

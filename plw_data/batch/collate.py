@@ -12,7 +12,7 @@ source, as ``{"race": 0.01, "alpaca": 1.0}`` with ``sources`` naming the manifes
     weight     0   p p p  p  c·r ... c c  c  | 0   P P  P  c c  c     p = PLW[race], P = PLW[alpaca]
                                                (first token of each example: never a target)
 ``labels`` and ``loss_weights`` are aligned with ``input_ids``; the loss shifts by one as
-transformers does (hidden state t predicts token t+1), see :mod:`plw_data.loss`. The first token of
+transformers does (hidden state t predicts token t+1), see :mod:`plw_data.batch.loss`. The first token of
 every example is never a target: nothing of its own example precedes it.
 
 Layout. Rows are right-padded to the longest row (optionally a multiple of ``pad_to_multiple_of``).
@@ -164,7 +164,7 @@ class PLWCollator:
             raise ValueError("PLWCollator got an empty batch")
         row_len = _lengths(cols[S.INPUT_IDS])
         if (row_len == 0).any():
-            raise ValueError(f"row {int(np.argmin(row_len))}: field 'input_ids' is empty")
+            raise ValueError(f"row {int(np.argmin(row_len))}: field '{S.INPUT_IDS}' is empty")
         for field in _MASKS:
             _check_lengths(cols, field, row_len)
 
@@ -326,7 +326,7 @@ def _category(cols: dict[str, list], row_len: np.ndarray) -> np.ndarray:
         token = i - int(row_len[:row].sum())
         values = {f: int(m[i]) for f, m in zip(_MASKS, (template, prompt, completion))}
         raise ValueError(
-            f"row {row}, token {token}: fields prompt_mask/completion_mask/template_mask must have exactly "
+            f"row {row}, token {token}: fields {S.PROMPT_MASK}/{S.COMPLETION_MASK}/{S.TEMPLATE_MASK} must have exactly "
             f"one 1 per token, got {values}"
         )
     codes = (prompt * PROMPT + completion * COMPLETION).astype(np.int8)
@@ -362,14 +362,16 @@ def _segments(cols: dict[str, list], row_len: np.ndarray) -> tuple[np.ndarray, n
     n_ex = _lengths(cols[S.SEQ_LENGTHS])
     seq = _concat(cols[S.SEQ_LENGTHS], np.int64, S.SEQ_LENGTHS)
     if (n_ex == 0).any():
-        raise ValueError(f"row {int(np.argmin(n_ex))}: field 'seq_lengths' is empty")
+        raise ValueError(f"row {int(np.argmin(n_ex))}: field '{S.SEQ_LENGTHS}' is empty")
     if (seq <= 0).any():
         i = int(np.argmax(seq <= 0))
         row = int(np.searchsorted(np.cumsum(n_ex), i, side="right"))
-        raise ValueError(f"row {row}: field 'seq_lengths' has a non-positive length {seq[i]}")
+        raise ValueError(f"row {row}: field '{S.SEQ_LENGTHS}' has a non-positive length {seq[i]}")
     sums = np.add.reduceat(seq, np.cumsum(n_ex) - n_ex)
     bad = np.flatnonzero(sums != row_len)
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"row {i}: field 'seq_lengths' sums to {sums[i]}, but 'input_ids' has {row_len[i]} tokens")
+        raise ValueError(
+            f"row {i}: field '{S.SEQ_LENGTHS}' sums to {sums[i]}, but '{S.INPUT_IDS}' has {row_len[i]} tokens"
+        )
     return seq, n_ex

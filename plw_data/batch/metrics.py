@@ -84,7 +84,7 @@ def _answer_counts(
 
 
 def metrics_from_sums(sums: Tensor) -> dict[str, float | None]:
-    """The §5 eval metrics from summed (and all-reduced) :func:`eval_sums` vectors."""
+    """The eval metrics of docs/training.md from summed (and all-reduced) :func:`eval_sums` vectors."""
     s = sums.double().cpu().tolist()
 
     def ratio(num: float, den: float) -> float | None:

@@ -1,4 +1,4 @@
-"""`plw-data verify`: check a prepared directory against the contract and name the first problem.
+"""`plw-data verify`: check a prepared directory against docs/format.md and name the first problem.
 
 A DIR can be damaged after `prepare` wrote it (a copy cut short, a flipped bit, a hand edit), and
 training on it would fail late or, worse, silently train on the wrong tokens. Every check below is
@@ -72,7 +72,7 @@ def _require(obj: Any, keys: tuple[str, ...], where: str) -> None:
 
 
 def load_manifest(d: Path) -> dict[str, Any]:
-    """The manifest, with every contract key present and its counts consistent with themselves."""
+    """The manifest: every key docs/format.md requires, with counts consistent with themselves."""
     path = d / S.MANIFEST
     m = S.read_manifest(d)
     _require(m, TOP_KEYS, str(path))

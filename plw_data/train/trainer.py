@@ -19,8 +19,8 @@ function of the update index alone, and ``--resume`` (optimizer, LR scheduler an
 OUT/last) continues exactly as if never stopped.
 
 Models are called as ``decoder(input_ids=..., position_ids=..., use_cache=False)`` without an
-attention mask (packed examples stay isolated, see :mod:`plw_data.collate`), and the loss runs on
-the final hidden states with the lm_head weight (:mod:`plw_data.loss`), never full logits. The
+attention mask (packed examples stay isolated, see :mod:`plw_data.batch.collate`), and the loss runs on
+the final hidden states with the lm_head weight (:mod:`plw_data.batch.loss`), never full logits. The
 module DeepSpeed wraps is decoder + loss; under ZeRO-3 the lm_head weight is registered as an
 external parameter of it, so it is gathered for the loss (the fused loss needs no weight in backward).
 

@@ -1,0 +1,97 @@
+"""The CLI is generated from the config dataclasses: every field has its flag, and help stays cheap."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from conftest import REPO
+from plw_data.config import DataConfig
+from plw_data.rg.report import RgOptions
+from plw_data.train.config import TrainConfig
+
+
+def _flags(command) -> dict[str, list[str]]:
+    """Parameter name -> its option strings (both spellings of a bool switch), from the click command."""
+    return {p.name: [*p.opts, *p.secondary_opts] for p in command.params}
+
+
+def _expected(cls: type, skip=lambda f: False) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if not skip(f)]
+
+
+def _assert_every_field_has_its_flag(command, names: list[str]) -> None:
+    flags = _flags(command)
+    missing = [n for n in names if "--" + n.replace("_", "-") not in flags.get(n, [])]
+    assert not missing, f"{command.name}: fields without a flag: {missing}"
+
+
+def _data_commands():
+    from plw_data.cli.main import app
+
+    return typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+
+def test_prepare_has_a_flag_for_every_data_config_field():
+    _assert_every_field_has_its_flag(_data_commands()["prepare"], _expected(DataConfig))
+
+
+def test_rg_stats_has_a_flag_for_every_rendering_field_and_every_rg_option():
+    rg = _data_commands()["rg-stats"]
+    rendering = _expected(DataConfig, skip=lambda f: f.metadata.get("group") == "prepare" or f.name == "split")
+    _assert_every_field_has_its_flag(rg, rendering + _expected(RgOptions))
+    # prepare-only fields (packing, splits, sharding) are not rg-stats options
+    assert not {f.name for f in dataclasses.fields(DataConfig) if f.metadata.get("group") == "prepare"} & set(_flags(rg))
+
+
+def test_plw_train_has_a_flag_for_every_train_config_field():
+    from plw_data.cli.train import app
+
+    _assert_every_field_has_its_flag(typer.main.get_command(app), _expected(TrainConfig))
+
+
+def test_prepare_help_names_the_argument_and_shows_only_real_defaults():
+    from plw_data.cli.main import app
+
+    result = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    assert "INPUTS" in result.output and "{inputs}" not in result.output
+    (line,) = [line for line in result.output.splitlines() if "--chat-template" in line]
+    assert "default: off" not in line and "default: on" not in line  # None: when the tokenizer has one
+    (line,) = [line for line in result.output.splitlines() if "--pack " in line]
+    assert "[default: on]" in line
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=False)
+
+
+def test_python_m_plw_data_version():
+    from plw_data import __version__
+
+    proc = _run(["-m", "plw_data", "--version"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"plw-data {__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["prepare", "--help"], ["rg-stats", "--help"]])
+def test_help_imports_no_torch(args):
+    """Help must stay instant: the heavy libraries are imported only when a command runs."""
+    code = (
+        "import sys\n"
+        "from plw_data.cli.main import app\n"
+        f"try:\n    app({args!r}, prog_name='plw-data')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+    )
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
