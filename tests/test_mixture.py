@@ -344,14 +344,12 @@ def test_eval_sums_per_source_add_up_to_the_whole() -> None:
     assert torch.allclose(per.sum(0), eval_sums(*args))
 
 
-def test_mixture_trains_with_a_plw_per_source_and_reports_eval_per_source(tmp_path: Path) -> None:
-    from test_train import write_tiny_llama
-
+def test_mixture_trains_with_a_plw_per_source_and_reports_eval_per_source(tmp_path: Path, tiny_model: Path) -> None:
     from plw_data.train import train
 
     mix = three_sources(tmp_path, race={"rows": 12}, alpaca={"rows": 6}, gsm8k={"rows": 6})
     assert run_prepare(mix, tmp_path / "data").returncode == 0
-    cfg = _train_cfg(model=str(write_tiny_llama(tmp_path / "tiny")), data=str(tmp_path / "data"), output=str(tmp_path / "out"),
+    cfg = _train_cfg(model=str(tiny_model), data=str(tmp_path / "data"), output=str(tmp_path / "out"),
                      dtype="fp32", progress=False, max_steps=2, micro_batch_size=4, prompt_loss_weight="race=linear:1:0.1,*=1")
     events = train(cfg)
     plws = [e["prompt_loss_weight"] for e in events if "train_loss" in e]

@@ -237,12 +237,12 @@ class Trainer:
         n_all = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         template = self.cfg.template_weight if self.cfg.template_weight is not None else "= PLW"
+        chosen = f" (from --prompt-share {self.cfg.prompt_share})" if self.cfg.prompt_share is not None else ""
         return (
             f"plw-train: {self.cfg.model} ({n_train:,} of {n_all:,} parameters trained, {self.cfg.dtype}, "
             f"ZeRO {self.engine.zero_optimization_stage()}); {self.world} rank(s) x {self.accum} x {self.micro} rows "
             f"per update; {self.total_steps} updates ({self.steps_per_epoch} per epoch); "
-            f"PLW {_plw_text(self.plw)}{' (--prompt-share ' + str(self.cfg.prompt_share) + ')' if self.cfg.prompt_share is not None else ''}, "
-            f"template {template}"
+            f"PLW {_plw_text(self.plw)}{chosen}, template {template}"
         )
 
     def _collator(self, *, eval_mode: bool):
