@@ -265,12 +265,12 @@ def plan_mixture(mix: Mixture, pools: list[np.ndarray], seed: int) -> list[Take]
             fsum = sum(mix.sources[k].share.value for k in frac)
             if len(frac) < len(pools):
                 taken = sum(measure(t, k) for k, t in enumerate(takes) if t is not None)
-                total = int(round(taken / (1 - fsum)))
+                total = round(taken / (1 - fsum))
             else:
                 size = (lambda k: len(pools[k])) if mix.unit == "rows" else (lambda k: int(pools[k].sum()))
                 total = int(min(math.floor(size(k) / mix.sources[k].share.value + 1e-9) for k in frac))
         for k in frac:
-            n = int(round(mix.sources[k].share.value * total))
+            n = round(mix.sources[k].share.value * total)
             rng = _rng(seed, k)
             takes[k] = take_rows(len(pools[k]), n, rng) if mix.unit == "rows" else take_tokens(pools[k], n, rng)
     return [t for t in takes if t is not None]
@@ -279,7 +279,7 @@ def plan_mixture(mix: Mixture, pools: list[np.ndarray], seed: int) -> list[Take]
 def eval_members(n: int, fraction: float, seed: int, k: int) -> np.ndarray:
     """Source k's seeded eval subset of its n examples (positions, sorted): round(n * fraction),
     at least 1 and at most n - 1 when a fraction is asked for and n > 1."""
-    m = int(round(n * fraction))
+    m = round(n * fraction)
     if fraction and n > 1:
         m = min(max(m, 1), n - 1)
     return np.sort(np.random.default_rng([seed, 1, k]).permutation(n)[:m])

@@ -362,7 +362,7 @@ class _MixStage:
         n0, per_file = self.n, Counter()
         for batch in encoded_batches(list(files), cfg, tok, start_index=self.next_index, per_file=per_file):
             if batch.dropped and cfg.on_error == "fail":
-                index, file, row, err = batch.dropped[0]
+                _, file, row, err = batch.dropped[0]
                 raise PLWError(err.located(file, row))
             batch.source = np.full(len(batch.lengths), source, np.int16)
             self.stage.append(batch)
@@ -461,11 +461,11 @@ def prepare_mixture(
             "kept": int(len(distinct) + len(evals[k])),
             "dropped": dict(sorted(reasons.items())),
             "share": src.share.describe(),
-            "available": int(len(pool)),
-            "taken": int(len(members)),
+            "available": len(pool),
+            "taken": len(members),
             "copies": take.copies,
             "sampled": take.sampled,
-            "eval": int(len(evals[k])),
+            "eval": len(evals[k]),
             "tokens": tokens,
             "eval_tokens": _tokens(counts[evals[k]]),
             "rg": rg(tokens),
