@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inspect import Parameter
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -36,22 +37,28 @@ def _main(
     """Instruction-tuning data with a prompt-loss-weight: exact masks, global packing, statistics."""
 
 
-def _prepare(inputs: list[str], output: Path, recipe: Optional[Path] = None, overwrite: bool = False,
+def _prepare(output: Path, inputs: Optional[list[str]] = None, recipe: Optional[Path] = None, overwrite: bool = False,
              quiet: bool = False, no_progress: bool = False, **flags: Any) -> None:
     from plw_data.config import build_config, load_recipe
+    from plw_data.prepare.mixture import mixture_recipe
     from plw_data.prepare.pipeline import prepare as run
     from plw_data.prepare.report import summary_table
 
-    cfg = build_config(DataConfig, load_recipe(recipe), o.given(flags, DataConfig), source=str(recipe))
+    given = o.given(flags, DataConfig)
+    base = mixture_recipe(given["mix"], recipe) if given.get("mix") else load_recipe(recipe)
+    cfg = build_config(DataConfig, base, given, source=str(given.get("mix") or recipe))
     console = o.console(stderr=True, quiet=quiet)
-    manifest = run(inputs, cfg, output, overwrite=overwrite, progress=not quiet, log=console.print, live=not no_progress)
+    manifest = run(inputs or [], cfg, output, overwrite=overwrite, progress=not quiet, log=console.print,
+                   live=not no_progress)
     console.print(summary_table(manifest, output))
 
 
 app.command("prepare")(o.command(o.handle_errors(_prepare), [
-    o.param("inputs", Annotated[list[str], typer.Argument(
-        metavar="INPUTS", help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset.", show_default=False)]),
     o.param("output", Annotated[Path, typer.Option("--output", "-o", help="Output directory.", show_default=False)]),
+    Parameter("inputs", Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+        Optional[list[str]], typer.Argument(
+            metavar="INPUTS", show_default=False,
+            help="Input files (.json .jsonl .jsonl.gz .parquet .csv .arrow) or a hub dataset (none with --mix).")]),
     o.param("recipe", o.Recipe, None),
     o.param("overwrite", Annotated[bool, typer.Option("--overwrite", help="Replace a DIR prepared with another config.")], False),
     o.param("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")], False),

@@ -68,6 +68,8 @@ class DataConfig:
     max_field_chars: int = option(
         0, "Drop a row with a field (or message) over this many characters as row_too_large, before "
         "tokenization; 0: 64 x --max-length.")
+    mix: str | None = option(None, "Mixture YAML: several sources, each with its inputs, recipe and share "
+                             "(docs/mixtures.md); replaces INPUT...", group="prepare")
 
     def field_chars_limit(self) -> int:
         """The row-size bound: memory stays bounded by the batch, not by the largest row."""

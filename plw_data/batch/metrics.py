@@ -105,3 +105,41 @@ def metrics_from_sums(sums: Tensor) -> dict[str, float | None]:
     if s[COUNT_REASONING] > 0:  # only data with reasoning tokens reports it
         metrics["eval_reasoning_loss"] = ratio(s[CE_REASONING], s[COUNT_REASONING])
     return metrics
+
+
+# -- per source of a mixture (docs/mixtures.md) -----------------------------------------------------
+
+
+def source_of_tokens(example_id: Tensor, bounds: Tensor) -> Tensor:
+    """[B, L] source position of each token from its example_index and the sources' index bounds
+    (``plw_data.prepare.mixture.source_ranges``); padding (example_id -1) gets -1."""
+    source = torch.searchsorted(bounds.to(example_id.device), example_id.contiguous(), right=True) - 1
+    return torch.where(example_id < 0, torch.full_like(source, -1), source)
+
+
+@torch.no_grad()
+def eval_sums_by_source(
+    ce: Tensor,
+    correct: Tensor,
+    labels: Tensor,
+    category: Tensor,
+    example_id: Tensor,
+    input_ids: Tensor,
+    closing_ids: Tensor,
+    source: Tensor,
+    n_sources: int,
+) -> Tensor:
+    """[n_sources, N_SUMS]: :func:`eval_sums` over each source's tokens alone (``source`` [B, L])."""
+    rows = []
+    for k in range(n_sources):
+        mine = torch.where(source == k, labels, torch.full_like(labels, IGNORE_INDEX))
+        rows.append(eval_sums(ce, correct, mine, category, example_id, input_ids, closing_ids))
+    return torch.stack(rows)
+
+
+def metrics_by_source(sums: Tensor, names: list[str]) -> dict[str, float | None]:
+    """``eval_completion_loss/race``, ...: the eval metrics of each source, from its row of sums."""
+    out: dict[str, float | None] = {}
+    for name, row in zip(names, sums):
+        out.update({f"{key}/{name}": value for key, value in metrics_from_sums(row).items()})
+    return out

@@ -37,4 +37,23 @@ def summary_table(manifest: dict[str, Any], output: Path) -> Any:
             f"{s['rows'] / bound:.3f}" if bound else "-",
             str(len(s["shards"])),
         )
-    return Group(rows, splits)
+    if not manifest.get("sources"):
+        return Group(rows, splits)
+    return Group(rows, splits, source_table(manifest["sources"]))
+
+
+def source_table(sources: dict[str, Any]) -> Any:
+    """One line per source of a mixture: rows in and out, what its share took, its tokens and Rg."""
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for col in ("source", "input rows", "kept", "dropped", "taken", "copies", "sampled", "eval",
+                "prompt", "completion", "template", "Rg"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for name, s in sources.items():
+        t = s["tokens"]
+        table.add_row(name, f"{s['input_rows']:,}", f"{s['kept']:,}", f"{sum(s['dropped'].values()):,}",
+                      f"{s['taken']:,}", str(s["copies"]), f"{s['sampled']:,}", f"{s['eval']:,}",
+                      f"{t['prompt']:,}", f"{t['completion']:,}", f"{t['template']:,}",
+                      "-" if s["rg"] is None else f"{s['rg']:.4g}")
+    return table

@@ -222,3 +222,39 @@ def expected_rows(spec: DatasetSpec, split: str, limit: int | None) -> int | Non
         except (PLWError, KeyError, TypeError, ValueError):
             total = None
     return total if limit is None or total is None else min(total, limit)
+
+
+def measure_sources(spec: DatasetSpec, split: str = "train", limit: int | None = None) -> list[tuple[str, Any]] | None:
+    """Each source of a prepared mixture DIR (docs/mixtures.md), in one pass over the split's masks:
+    (name, RgAccumulator) in mixture order; None when the DIR is not a mixture. Examples repeated by
+    a source's share count once per copy: these are the counts training sees."""
+    import numpy as np
+
+    from ..prepare.mixture import source_of, source_ranges
+    from ..prepare.shards import iter_split_counts
+    from .stats import RgAccumulator
+
+    manifest = _manifest(spec)
+    ranges = source_ranges(manifest)
+    if ranges is None:
+        return None
+    names, bounds = ranges
+    accs = [RgAccumulator() for _ in names]
+    if split == "train" and limit is None:
+        for name, acc in zip(names, accs):
+            for reason, n in manifest["sources"][name].get("dropped", {}).items():
+                acc.skip(str(reason), int(n))
+    left = limit
+    for b in iter_split_counts(Path(spec.path), split):
+        take = slice(None) if left is None else slice(0, left)
+        src = source_of(np.asarray(b.example_index)[take], bounds)
+        for k, acc in enumerate(accs):
+            keep = np.flatnonzero(src == k)
+            if keep.size:
+                _, prompt, completion, template, _ = _counts(b, keep, {})
+                acc.update(prompt, completion, template=template)
+        if left is not None:
+            left -= min(left, len(b.prompt))
+            if not left:
+                break
+    return list(zip(names, accs))

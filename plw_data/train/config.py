@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import option as _opt
 from ..errors import ConfigError
+from ..rg.policy import parse_plw_map, per_source, plw_from_share
 from .schedule import Schedule, parse_schedule
 
 Dtype = Literal["auto", "bf16", "fp32", "fp16"]
@@ -56,7 +57,8 @@ class TrainConfig:
     attn_implementation: str | None = _opt(None, "Attention: sdpa, eager, flash_attention_2...; default: transformers'.")
     # --- loss
     prompt_loss_weight: str = _opt(
-        "0.1", "PLW or a PLW schedule: 0.1, linear:1.0:0.0, step:1.0:0.1@epoch=1 (grammar: docs/training.md)."
+        "0.1", "PLW or a PLW schedule: 0.1, linear:1.0:0.0, step:1.0:0.1@epoch=1 (grammar: docs/training.md); "
+        "per source of a mixture: race=0.01,alpaca=linear:1:0.1,*=0.1 (docs/mixtures.md)."
     )
     template_weight: str | None = _opt(None, "Template-token weight or schedule; default: the same as the PLW.")
     completion_weight: float = _opt(1.0, "Completion-token weight.")
@@ -92,6 +94,10 @@ class TrainConfig:
     verify_data: bool = _opt(
         True, "Check the prepared DIR first: manifest, schema, shard sizes and sha256 (--no-verify-data: sizes only)."
     )
+    prompt_share: float | None = _opt(
+        None, "Choose each source's PLW so its prompt + template tokens carry this share of its loss weight "
+        "(docs/mixtures.md); replaces --prompt-loss-weight."
+    )
 
     def validate(self) -> None:
         for name in ("model", "data", "output"):
@@ -126,11 +132,34 @@ class TrainConfig:
         self.prompt_loss_weight = str(self.prompt_loss_weight)
         if self.template_weight is not None:
             self.template_weight = str(self.template_weight)
+        if self.prompt_share is not None and not 0 <= self.prompt_share < 1:
+            raise ConfigError(f"--prompt-share must be in [0, 1), got {self.prompt_share}")
         self.plw_schedule, self.template_schedule  # parsed here, once: a bad spec fails before any work
 
     @functools.cached_property
-    def plw_schedule(self) -> Schedule:
-        return parse_schedule(self.prompt_loss_weight)
+    def plw_schedule(self) -> Schedule | dict[str, Schedule]:
+        """One schedule, or one per source name (``*``: every source not named) for a mixture."""
+        per_source = parse_plw_map(self.prompt_loss_weight)
+        if per_source is None:
+            return parse_schedule(self.prompt_loss_weight)
+        return {name: parse_schedule(spec, name=f"prompt_loss_weight {name}") for name, spec in per_source.items()}
+
+    def plw_for(self, manifest: dict[str, Any]) -> tuple[list[str], Schedule | dict[str, Schedule]]:
+        """The PLW for a prepared DIR: its source names ([] when it is not a mixture) and one
+        schedule, or one per source in the DIR's order (``--prompt-share``: constants chosen from
+        each source's token totals)."""
+        names = list(manifest.get("sources") or {})
+        if self.prompt_share is not None:
+            if "splits" not in manifest and "sources" not in manifest:
+                raise ConfigError(f"--prompt-share needs the token totals of {self.data}/manifest.json (plw-data prepare)")
+            chosen = plw_from_share(manifest, self.prompt_share)
+            if not names:
+                return [], Schedule("constant", (next(iter(chosen.values())),))
+            return names, {n: Schedule("constant", (chosen[n],)) for n in names}
+        schedule = self.plw_schedule
+        if isinstance(schedule, Schedule):
+            return names, schedule
+        return names, per_source(schedule, names)
 
     @functools.cached_property
     def template_schedule(self) -> Schedule | None:

@@ -139,8 +139,15 @@ class LiveTable:
             return "starting"
         return (
             f"step {e['step']}  epoch {e['epoch']:.3g}  train_loss {e['train_loss']:.4f}  "
-            f"lr {e['lr']:.3g}  plw {e['prompt_loss_weight']:.3g}"
+            f"lr {e['lr']:.3g}  plw {_weight_text(e['prompt_loss_weight'])}"
         )
+
+
+def _weight_text(plw: float | dict[str, float]) -> str:
+    """A PLW, or a PLW per source of a mixture (``race=0.01 alpaca=1``)."""
+    if isinstance(plw, dict):
+        return " ".join(f"{name}={value:.3g}" for name, value in plw.items())
+    return f"{plw:.3g}"
 
 
 def _cell(value: Any) -> str:

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import schema as S
 from ..errors import ConfigError, PLWError
+from ..prepare.mixture import source_ranges
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import closing_token_ids, collate_rows, eval_path, load_split, model_kwargs, run_tokenizer, target_weight, verify_data
@@ -108,7 +111,11 @@ class Trainer:
         self.global_batch = self.micro * self.accum * self.world
         self.steps_per_epoch = steps_per_epoch(len(self.train_ds), self.global_batch)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * self.steps_per_epoch
-        self.plw: Schedule = cfg.plw_schedule
+        manifest_path = Path(cfg.data) / S.MANIFEST
+        self.sources, self.plw = cfg.plw_for(S.read_manifest(cfg.data) if manifest_path.is_file() else {})
+        if cfg.prompt_share is not None and self.is_main:
+            print(f"plw-train: --prompt-share {cfg.prompt_share}: PLW {_plw_text(self.plw)}", file=sys.stderr)
+        self.eval_sources = _eval_sources(eval_dir) if self.eval_ds is not None else None
         self.template: Schedule | None = cfg.template_schedule
 
         torch.manual_seed(cfg.seed)  # LoRA initialisation
@@ -231,11 +238,12 @@ class Trainer:
         n_all = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         template = self.cfg.template_weight if self.cfg.template_weight is not None else "= PLW"
+        chosen = f" (from --prompt-share {self.cfg.prompt_share})" if self.cfg.prompt_share is not None else ""
         return (
             f"plw-train: {self.cfg.model} ({n_train:,} of {n_all:,} parameters trained, {self.cfg.dtype}, "
             f"ZeRO {self.engine.zero_optimization_stage()}); {self.world} rank(s) x {self.accum} x {self.micro} rows "
             f"per update; {self.total_steps} updates ({self.steps_per_epoch} per epoch); "
-            f"PLW {self.plw}, template {template}"
+            f"PLW {_plw_text(self.plw)}{chosen}, template {template}"
         )
 
     def _collator(self, *, eval_mode: bool):
@@ -249,13 +257,16 @@ class Trainer:
             pad_token_id=self.pad_id,
             emit_cu_seqlens=self.flash,
             return_example_ids=eval_mode,
+            **({"sources": self.sources} if self.sources else {}),
         )
 
-    def _weights(self, step: int) -> tuple[float, float | None, float, float]:
-        """(PLW, template weight or None for "= PLW", completion, reasoning weight) at update ``step``."""
+    def _weights(self, step: int) -> tuple[float | dict[str, float], float | None, float, float]:
+        """(PLW or a PLW per source, template weight or None for "= PLW", completion, reasoning weight)
+        at update ``step``."""
         at = (step, self.total_steps, self.steps_per_epoch)
         template = None if self.template is None else self.template.value(*at)
-        return self.plw.value(*at), template, self.cfg.completion_weight, self.cfg.reasoning_weight
+        plw = self.plw.value(*at) if isinstance(self.plw, Schedule) else {n: s.value(*at) for n, s in self.plw.items()}
+        return plw, template, self.cfg.completion_weight, self.cfg.reasoning_weight
 
     def train_step(self) -> Event:
         """One update: collate the window, all-reduce Σw, then forward/backward each micro-batch."""
@@ -310,7 +321,9 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         import torch
 
-        from ..batch.metrics import N_SUMS, eval_sums, metrics_from_sums
+        from ..batch.metrics import (
+            N_SUMS, eval_sums, eval_sums_by_source, metrics_by_source, metrics_from_sums, source_of_tokens,
+        )
 
         assert self.eval_ds is not None
         bs = self.cfg.eval_batch_size or self.micro
@@ -319,6 +332,8 @@ class Trainer:
         collate = self.eval_collate
         device = self.engine.device
         sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
+        by_source = None if self.eval_sources is None else torch.zeros(
+            len(self.eval_sources[0]), N_SUMS, dtype=torch.float64, device=device)
         self.engine.eval()
         with torch.no_grad():
             for b in range(n_batches):
@@ -326,8 +341,14 @@ class Trainer:
                 ce, correct = self.engine(**model_kwargs(batch, device, with_weights=False))
                 on = [batch[k].to(device) for k in ("labels", "category", "example_id", "input_ids")]
                 sums += eval_sums(ce, correct, *on, self.closing_ids)
+                if by_source is not None:
+                    source = source_of_tokens(on[2], torch.as_tensor(self.eval_sources[1], device=device))
+                    by_source += eval_sums_by_source(ce, correct, *on, self.closing_ids, source, len(self.eval_sources[0]))
         self.engine.train()
-        return metrics_from_sums(all_reduce_sum(sums))
+        metrics = metrics_from_sums(all_reduce_sum(sums))
+        if by_source is not None:
+            metrics.update(metrics_by_source(all_reduce_sum(by_source), self.eval_sources[0]))
+        return metrics
 
     def evaluate_and_log(self, *, require: bool = False) -> bool:
         """Evaluate, log, keep OUT/best up to date and count early-stopping patience; False without eval data."""
@@ -424,6 +445,16 @@ class Trainer:
             kept = [e for e in read_events(self.out / "metrics.jsonl") if e.get("step", 0) <= self.state.step]
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
         barrier()
+
+
+def _plw_text(plw: Schedule | dict[str, Schedule]) -> str:
+    return str(plw) if isinstance(plw, Schedule) else ", ".join(f"{n}={s}" for n, s in plw.items())
+
+
+def _eval_sources(eval_dir: Path) -> tuple[list[str], np.ndarray] | None:
+    """Source names and example_index bounds of the DIR an eval split belongs to (None: no mixture)."""
+    manifest = Path(eval_dir).parent / S.MANIFEST
+    return source_ranges(S.read_manifest(manifest.parent)) if manifest.is_file() else None
 
 
 def train(cfg: TrainConfig, *, on_event: Callable[[Event], None] | None = None) -> list[Event]:
