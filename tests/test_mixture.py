@@ -1,10 +1,5 @@
 """Mixtures: the mixture file, the share rules (pure functions), `prepare --mix` end to end, and a
-PLW per source in plw-train and rg-stats.
-
-test_mixture_verifies_and_rows_carry_their_source depends on verify accepting an up-sampled
-example's repeats (docs/mixtures.md); until it does, that test xfails at run time naming the check,
-and passes unchanged afterwards.
-"""
+PLW per source in plw-train and rg-stats."""
 
 from __future__ import annotations
 
@@ -21,7 +16,7 @@ from conftest import REPO, require_shared, tokenizer_dir
 
 from plw_data import schema as S
 from plw_data.config import DataConfig, build_config
-from plw_data.errors import ConfigError, PLWError
+from plw_data.errors import ConfigError
 from plw_data.prepare.mixture import (
     Mixture,
     Share,
@@ -249,12 +244,7 @@ def test_mixture_verifies_and_rows_carry_their_source(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "out" / S.MANIFEST).read_text())
     ds = datasets.load_from_disk(str(tmp_path / "out" / "train"))
     assert S.SOURCE_INDEX in ds.column_names
-    try:
-        verify(tmp_path / "out")
-    except PLWError as e:  # verify does not know about up-sampled repeats yet (docs/mixtures.md)
-        if "counts.kept" in str(e) or "appears more than once" in str(e):
-            pytest.xfail(f"needs verify to accept a mixture's repeated examples: {e}")
-        raise
+    verify(tmp_path / "out")  # up-sampled copies: counts.repeated, each distinct row once
     ranges = [s["index_range"] for s in m["sources"].values()]
     taken = np.zeros(3, np.int64)
     for row in ds:

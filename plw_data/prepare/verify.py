@@ -53,7 +53,7 @@ def verify(directory: Path, *, tokenizer: str | None = None, trust_remote_code: 
             f"{name}: {split['rows']:,} rows, {split['examples']:,} examples, {split['tokens']:,} tokens: "
             "schema, one mask per token, seq_lengths, max_length, token ids and totals"
         )
-    indices.append(("dropped.jsonl", dropped))
+    indices.append((S.DROPPED, dropped))
     done.append(check_coverage(d, m, indices))
     done.append(check_tokenizer(d, m, tokenizer, trust_remote_code=trust_remote_code))  # last: the slowest
     return done
@@ -119,8 +119,12 @@ def load_manifest(d: Path) -> dict[str, Any]:
             f"{path}: counts.input_rows {c['input_rows']} != kept {c['kept']} + dropped {sum(c['dropped'].values())}"
         )
     examples = sum(s["examples"] for s in m["splits"].values())
-    if c["kept"] != examples:
-        raise PLWError(f"{path}: counts.kept {c['kept']} != examples over all splits {examples}")
+    repeated = c.get("repeated", 0)  # a mixture's up-sampled copies (docs/mixtures.md)
+    if not isinstance(repeated, int) or isinstance(repeated, bool) or repeated < 0:
+        raise PLWError(f"{path}: counts.repeated must be a non-negative integer, got {repeated!r}")
+    if c["kept"] + repeated != examples:
+        extra = f" + repeated {repeated}" if repeated else ""
+        raise PLWError(f"{path}: counts.kept {c['kept']}{extra} != examples over all splits {examples}")
     return m
 
 
@@ -411,6 +415,13 @@ def check_coverage(d: Path, m: dict[str, Any], sources: list[tuple[str, np.ndarr
         bad = np.flatnonzero((idx < 0) | (idx >= total) | (idx % k_shards != k))
         if len(bad):
             raise PLWError(f"{d / name}: index {idx[bad[0]]} is not one of this job's input rows (0..{total - 1})")
+    repeated = int(m["counts"].get("repeated", 0))
+    if repeated:  # an up-sampled mixture holds copies: each distinct row counts once, the copies add up
+        kept = np.concatenate([idx for name, idx in sources if name != S.DROPPED])
+        distinct = np.unique(kept)
+        if len(kept) - len(distinct) != repeated:
+            raise PLWError(f"{d}: {len(kept) - len(distinct)} repeated example(s), manifest counts.repeated says {repeated}")
+        sources = [("splits", distinct), *[(name, idx) for name, idx in sources if name == S.DROPPED]]
     found = np.sort(np.concatenate([idx for _, idx in sources]))
     n = min(len(found), len(expected))
     diff = np.flatnonzero(found[:n] != expected[:n])
