@@ -117,33 +117,38 @@ _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 def load_recipe(path: str | Path | None) -> dict[str, Any]:
-    """Read a recipe YAML (safe loader only: no object construction from YAML tags; bounded size;
-    no anchors or aliases)."""
+    """Read a recipe YAML: a mapping of option: value (see :func:`read_yaml`)."""
     if path is None:
         return {}
+    data = read_yaml(path, "recipe")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A recipe or mixture file: safe loader only (no object construction from YAML tags), bounded
+    size, no anchors or aliases (no alias bombs)."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: recipe file not found")
+        raise ConfigError(f"{p}: {what} file not found")
     if p.stat().st_size > RECIPE_MAX_BYTES:
-        raise ConfigError(f"{p}: {p.stat().st_size:,} bytes; a recipe may hold at most {RECIPE_MAX_BYTES:,}")
+        raise ConfigError(f"{p}: {p.stat().st_size:,} bytes; a {what} may hold at most {RECIPE_MAX_BYTES:,}")
     try:
         text = p.read_text(encoding="utf-8")
         if any(isinstance(t, (yaml.AnchorToken, yaml.AliasToken)) for t in yaml.scan(text)):
-            raise ConfigError(f"{p}: YAML anchors and aliases (&name, *name) are not accepted in a recipe")
-        data = yaml.safe_load(text)
+            raise ConfigError(f"{p}: YAML anchors and aliases (&name, *name) are not accepted in a {what}")
+        return yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:
         raise ConfigError(f"{p}: nested too deeply") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a recipe must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def _type_name(tp: Any) -> str:

@@ -115,7 +115,7 @@ def test_bad_mixture_files_are_one_line_errors(data: dict, message: str) -> None
 
 def test_source_options_are_checked_as_a_recipe() -> None:
     mix = parse_mixture({"format": "alpaca", "sources": [{"name": "a", "inputs": "x", "train_on": "sometimes"}]}, "m.yaml")
-    with pytest.raises(ConfigError, match=r"--train-on must be one of"):
+    with pytest.raises(ConfigError, match=r"train_on: expected one of all, last"):
         mix.source_config(DataConfig(), 0)
     mix = parse_mixture({"sources": [{"name": "a", "inputs": "x", "format": "alpaca", "eval_inputs": ["e.json"]}]}, "m.yaml")
     cfg = mix.source_config(build_config(DataConfig, {}, {"eval_fraction": 0.1, "max_length": 64}), 0)

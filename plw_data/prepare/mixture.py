@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..config import DataConfig, build_config, load_recipe
+from ..config import DataConfig, build_config, load_recipe, read_yaml
 from ..errors import ConfigError
 
 Unit = Literal["rows", "tokens"]
@@ -177,16 +177,7 @@ def parse_mixture(data: Any, path: str) -> Mixture:
 
 def load_mixture(path: str | Path) -> Mixture:
     """Read and check a mixture file (safe YAML); the sources' configs are checked by :meth:`Mixture.source_config`."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: mixture file not found")
-    import yaml
-
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_mixture(data, str(p))
+    return parse_mixture(read_yaml(path, "mixture"), str(path))
 
 
 def mixture_recipe(path: str | Path | None, recipe: str | Path | None) -> dict[str, Any]:
