@@ -212,8 +212,8 @@ def prepare(
         raise ConfigError("--tokenizer is required")
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-    Encoder(tok, cfg)  # fail fast on a config the tokenizer cannot serve
-    core = _manifest_core(inputs, cfg, tokenizer_fingerprint(tok, cfg.tokenizer))
+    encoder = Encoder(tok, cfg)  # fail fast on a config the tokenizer cannot serve
+    core = _manifest_core(inputs, cfg, tokenizer_fingerprint(encoder.tok, cfg.tokenizer))  # the template in use
     output = Path(output)
     if (output / S.MANIFEST).exists() and not overwrite:
         old = S.read_manifest(output)
@@ -249,6 +249,11 @@ def prepare(
                 splits["train"] = (train, members)
     finally:
         bar.close()
+    if not sum(len(members) for _, members in splits.values()):
+        shutil.rmtree(work, ignore_errors=True)
+        first = min(dropped, key=lambda d: d[0], default=None)
+        why = f"; the first row ({first[3].located(first[1], first[2])})" if first else ""
+        raise ConfigError(f"no row was kept{why}: check the format, templates and chat template")
 
     split_entries = {}
     for name, (staged, members) in splits.items():
