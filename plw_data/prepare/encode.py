@@ -368,45 +368,67 @@ class Encoder:
 
     def _render_turns(self, conv: Conversation) -> list[_Layout]:
         """Conversations with reasoning, tool calls or tools (docs/chat.md). A trained turn k is the text
-        the template adds after rendering messages[:k] with the generation prompt. When the whole
-        conversation's rendering holds every trained turn that way, it is one example; otherwise (a
-        template that drops earlier turns' reasoning) one example per trained turn, or only the last
-        (--reasoning-turns)."""
+        the template adds for message k after rendering messages[:k] with the generation prompt. When
+        the whole conversation's rendering holds every trained turn that way, it is one example;
+        otherwise (a template that drops earlier turns' reasoning) one example per trained turn, or only
+        the last (--reasoning-turns)."""
         msgs, tools = list(conv.messages), conv.tools
         trained = [k for k, t in enumerate(conv.trained) if t]
         full = self._apply(msgs, tools)
         turns = []
         for k in trained:
-            prompt, upto = self._apply(msgs[:k], tools, True), self._apply(msgs[: k + 1], tools)
-            if not (upto.startswith(prompt) and full.startswith(upto)):
+            upto = self._apply(msgs[: k + 1], tools)
+            start = self._turn_start(self._apply(msgs[:k], tools, True), upto, msgs[k])
+            if start is None or not full.startswith(upto):
                 break
-            turns.append((k, len(prompt), len(upto), self._reasoning_span(full, len(prompt), len(upto), msgs[k])))
+            turns.append((k, start, len(upto), self._reasoning_span(full, start, len(upto), msgs[k])))
         else:
             return [_Layout(full, self._prompt_spans(conv, full, tools, set(trained)), turns)]
         chosen = trained if self.cfg.reasoning_turns == "per-turn" else trained[-1:]
         return [self._generated_turn(conv, k) for k in chosen]
 
+    @staticmethod
+    def _turn_start(prompt: str, upto: str, message: dict[str, Any]) -> int | None:
+        """Where turn k starts in the rendering of messages[:k+1], or None when that rendering does not
+        hold the turn as generated after ``prompt`` (the rendering with the generation prompt). Some
+        templates close the previous message differently when a generation prompt follows (Hermes-3
+        after a tool result): the turn then starts after the generation prompt's own scaffolding."""
+        if upto.startswith(prompt):
+            return len(prompt)
+        common = len(_common_prefix(prompt, upto))
+        opened = prompt[common:]
+        at = upto.find(opened, common) if opened else -1
+        if at < 0:
+            return None
+        reasoning = reasoning_of(message)
+        if reasoning is not None and reasoning.strip() not in upto[at:]:
+            return None
+        return at + len(opened)
+
     def _generated_turn(self, conv: Conversation, k: int) -> _Layout:
-        """messages[:k] with the generation prompt, then turn k as the model writes it."""
+        """One example for trained turn k: messages[:k] as the template renders them, then turn k as
+        the model generates it; earlier assistant turns are context (prompt)."""
         msgs, tools = list(conv.messages), conv.tools
         prompt, upto = self._apply(msgs[:k], tools, True), self._apply(msgs[: k + 1], tools)
-        if upto.startswith(prompt):
-            text = upto
-        else:  # the template rewrote the turn (e.g. dropped its reasoning): rebuild the generation
-            common = len(_common_prefix(prompt, upto))
-            opened, rendered = prompt[common:], upto[common:]
-            raw = msgs[k].get("content") or ""
-            answer = raw.split("</think>")[-1]
-            shown = next((a for a in dict.fromkeys((answer, answer.lstrip(), answer.strip())) if rendered.startswith(a)), None)
-            if shown is None or not raw.startswith(opened):
-                raise RowError(
-                    "template_mismatch",
-                    f"message {k} (assistant): the template renders it as {rendered[:50]!r}, not as a generation "
-                    f"after its prompt {opened[:30]!r}",
-                )
-            text = prompt + raw[len(opened) :] + rendered[len(shown) :]
-        end = len(text)
-        turn = (k, len(prompt), end, self._reasoning_span(text, len(prompt), end, msgs[k]))
+        start = self._turn_start(prompt, upto, msgs[k])
+        if start is not None:
+            turn = (k, start, len(upto), self._reasoning_span(upto, start, len(upto), msgs[k]))
+            return _Layout(upto, self._prompt_spans(conv, upto, tools, {k}, upto=k + 1), [turn])
+        # The template rewrote the turn (e.g. dropped its reasoning): the generation prompt, then the
+        # message as the data has it (less what the prompt already opened), closed as the template closes it.
+        common = len(_common_prefix(prompt, upto))
+        opened, rendered = prompt[common:], upto[common:]
+        raw = msgs[k].get("content") or ""
+        answer = raw.split("</think>")[-1]
+        shown = next((a for a in dict.fromkeys((answer, answer.lstrip(), answer.strip())) if rendered.startswith(a)), None)
+        if shown is None or not raw.startswith(opened):
+            raise RowError(
+                "template_mismatch",
+                f"message {k} (assistant): the template renders it as {rendered[:50]!r}, not as a generation "
+                f"after its prompt's {opened[:30]!r}",
+            )
+        text = prompt + raw[len(opened) :] + rendered[len(shown) :]
+        turn = (k, len(prompt), len(text), self._reasoning_span(text, len(prompt), len(text), msgs[k]))
         return _Layout(text, self._prompt_spans(conv, prompt, tools, {k}, upto=k, generation=True), [turn])
 
     def _reasoning_span(self, text: str, start: int, end: int, message: dict[str, Any]) -> tuple[int, int] | None:
@@ -423,10 +445,11 @@ class Encoder:
         self, conv: Conversation, text: str, tools: Any, trained: set[int], *, upto: int | None = None, generation: bool = False
     ) -> list[tuple[int, int, int]]:
         """Spans of the untrained text contents (user, system, tool results, context turns) in the first
-        part of text that renders messages[:upto]; trained turns and structured messages stay fixed."""
+        part of text that renders messages[:upto]; trained turns stay fixed (located by _turn_start), and
+        a context turn's tool calls are scaffolding. A content the template rewrote (an earlier turn's
+        reasoning dropped) is the text the template put in its place."""
         msgs = list(conv.messages[:upto])
-        keep = frozenset(i for i, m in enumerate(msgs) if i in trained or len(m) > 2 or "</think>" in (m["content"] or ""))
-        skeleton = _Skeleton(lambda ms, **kw: self._apply(ms, tools, generation), msgs, keep)
+        skeleton = _Skeleton(lambda ms, **kw: self._apply(ms, tools, generation), msgs, frozenset(trained))
         head = self._apply(msgs, tools, generation)
         if not text.startswith(head):
             raise RowError("template_mismatch", "the rendering of the earlier messages is not a prefix of the example")

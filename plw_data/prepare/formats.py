@@ -49,11 +49,15 @@ class Conversation:
     def roles(self) -> tuple[str, ...]:
         return tuple(m["role"] for m in self.messages)
 
+    def is_plain_message(self, i: int) -> bool:
+        """Role and text content only, no reasoning: a placeholder can stand for its content."""
+        m = self.messages[i]
+        return len(m) == 2 and isinstance(m["content"], str) and "</think>" not in m["content"]
+
     @property
     def is_plain(self) -> bool:
-        """Only role/content text: the one-render skeleton path can mask it (docs/chat.md)."""
-        return self.tools is None and all(len(m) == 2 and isinstance(m["content"], str) and "</think>" not in m["content"]
-                                          for m in self.messages)
+        """Only plain messages and no tools: the one-render skeleton path can mask it (docs/chat.md)."""
+        return self.tools is None and all(self.is_plain_message(i) for i in range(len(self.messages)))
 
 
 def reasoning_of(message: dict[str, Any]) -> str | None:
