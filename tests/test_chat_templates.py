@@ -277,3 +277,20 @@ def test_chat_template_from_a_folder_and_recipe_string() -> None:
     assert load_tokenizer("qwen2.5-instruct").chat_template != enc.tok.chat_template  # the caller's is untouched
     with pytest.raises(ConfigError, match="--date"):
         DataConfig(date="01/02/2026").validate()
+
+
+def test_inspect_colours_tool_calls(tmp_path: Path) -> None:
+    from plw_data.prepare.inspect import STYLES, TOOL_CALL, render_row
+
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": '{"temp": 21}'}, {"role": "assistant", "content": "Mild."}]  # fmt: skip
+    src = tmp_path / "tools.jsonl"
+    src.write_text(json.dumps({"messages": msgs, "tools": TOOLS}) + "\n")
+    cfg = DataConfig(tokenizer=str(tokenizer_dir("qwen2.5-instruct")), format="messages", chat_template_file=str(require_shared(HERMES3)))
+    prepare([str(src)], cfg, tmp_path / "out", progress=False)
+    group = render_row(tmp_path / "out", "train", 0)
+    body = group.renderables[2]
+    styled = {str(body)[s.start : s.end]: s.style for s in body.spans}
+    assert styled['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'] == STYLES[TOOL_CALL]
+    assert styled["Mild.<|im_end|>"] == "bold green"
