@@ -294,3 +294,19 @@ def test_inspect_colours_tool_calls(tmp_path: Path) -> None:
     styled = {str(body)[s.start : s.end]: s.style for s in body.spans}
     assert styled['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'] == STYLES[TOOL_CALL]
     assert styled["Mild.<|im_end|>"] == "bold green"
+
+
+def test_inline_reasoning_under_a_template_that_keeps_it_is_one_exact_example() -> None:
+    enc, cfg = encoder(None)  # qwen2.5's own template prints contents as they are
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nAdd.\n</think>\n\n4."},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "<think>\nAgain.\n</think>\n\n6."}]  # fmt: skip
+    _, [(ids, cats, _)] = examples(enc, cfg, {"messages": msgs})
+    assert ids.tolist() == list(enc.tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    assert [s.strip() for s in decoded(enc.tok, ids, cats, {REASONING})] == ["Add.", "Again."]
+    assert "".join(decoded(enc.tok, ids, cats, {COMPLETION, REASONING})) == (
+        "<think>\nAdd.\n</think>\n\n4.<|im_end|><think>\nAgain.\n</think>\n\n6.<|im_end|>"
+    )
+    # a reasoning field the template ignores is never trained without it
+    conv = to_conversation({"messages": [msgs[0], {"role": "assistant", "content": "4.", "thinking": "Add."}]}, cfg)
+    (err,) = [d[3] for d in enc.encode([(0, "f", 0, conv)]).dropped]
+    assert err.reason == "reasoning_not_rendered"

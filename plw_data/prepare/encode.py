@@ -13,6 +13,7 @@ scaffolding.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,7 +114,8 @@ def truncate(
 
 
 _PAD = " \n"  # probe padding: shows whether a template keeps a content's outer whitespace
-_REWRITE_TRIES = 8  # occurrences of the following text tried when a template rewrote a content
+_REWRITE_TRIES = 8
+_SKELETON_CACHE = 4096  # role patterns (x tool lists) kept  # occurrences of the following text tried when a template rewrote a content
 
 
 def _placeholder(i: int) -> str:
@@ -162,6 +164,10 @@ class _Skeleton:
         self.roles = [m["role"] for m in messages]
         if len(set(self.order)) != len(self.order) or self.order != sorted(self.order):
             raise ConfigError(f"chat template renders messages out of order or twice (roles {self.roles}); masks would be ambiguous")
+        self.missing = [  # contents the template leaves out: nothing of them would be trained or seen
+            i for i, m in enumerate(messages)
+            if i not in keep and isinstance(m.get("content"), str) and m["content"] and i not in self.order
+        ]
         padded = render(with_placeholders(_PAD), **kw)
         self.strip: dict[int, tuple[bool, bool]] = {}  # message -> (strips leading, strips trailing) whitespace
         for i in self.order:
@@ -182,6 +188,9 @@ class _Skeleton:
         Depth-first over each content's whitespace variants, backtracking when a later piece does
         not follow; a content that the template rewrote (no variant fits) takes the text up to the
         next fixed piece. Raises a RowError naming the message that cannot be placed."""
+        if self.missing:
+            i = self.missing[0]
+            raise RowError("message_not_rendered", f"message {i} ({self.roles[i]}): the chat template leaves its content out")
         if not text.startswith(self.pieces[0]):
             raise RowError("template_mismatch", f"the rendering starts with {text[:40]!r}, the template's skeleton with {self.pieces[0][:40]!r}")
         failed: set[tuple[int, int]] = set()
@@ -257,6 +266,7 @@ class _Layout:
     spans: list[tuple[int, int, int]]  # (message, start, end) of located contents
     turns: list[tuple[int, int, int, tuple[int, int] | None]] | None = None  # (message, start, end, reasoning span):
     # a trained turn as the model generates it (tool calls, reasoning, closing tokens); None: one-render path
+    reasoning: list[tuple[int, int]] = field(default_factory=list)  # one-render path: inline <think> spans of trained turns
 
 
 @dataclass
@@ -347,24 +357,52 @@ class Encoder:
         return self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation, tokenize=False)
 
     def _skeleton(self, conv: Conversation) -> _Skeleton:
-        key = tuple((m["role"], not m["content"]) for m in conv.messages)  # empty contents render as they are
+        # Empty contents render as they are; a tool list is part of the fixed text.
+        tools = None if conv.tools is None else json.dumps(conv.tools, sort_keys=True)
+        key = (tools, *((m["role"], not m["content"]) for m in conv.messages))
         if key not in self._skeletons:
-            self._skeletons[key] = _Skeleton(self._apply, list(conv.messages))
+            if len(self._skeletons) > _SKELETON_CACHE:  # rows with tools of their own: bounded
+                self._skeletons.clear()
+            self._skeletons[key] = _Skeleton(lambda ms, **kw: self._apply(ms, conv.tools), list(conv.messages))
         return self._skeletons[key]
 
     def _render(self, conv: Conversation) -> list[_Layout]:
         try:
             if conv.is_plain:
-                text = self._apply(list(conv.messages))
+                text = self._apply(list(conv.messages), conv.tools)
                 skeleton = self._skeleton(conv)
                 return [_Layout(text, skeleton.spans(text, [m["content"] for m in conv.messages]))]
-            return self._render_turns(conv)
+            return self._render_inline(conv) or self._render_turns(conv)
         except RowError:
             raise
         except Exception as e:  # a template's raise_exception(), a jinja error
             raise RowError("template_error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     # -- reasoning and tools: each trained turn as the model generates it ---------------------------
+
+    def _render_inline(self, conv: Conversation) -> list[_Layout] | None:
+        """Inline <think> reasoning under a template that renders every trained content as it is: the
+        one-render path, with each trained turn's reasoning located inside its content. None when a
+        message is structured (a reasoning field, tool calls) or the template rewrites a trained content
+        (e.g. drops its reasoning)."""
+        msgs = list(conv.messages)
+        if any(len(m) > 2 or not isinstance(m["content"], str) for m in msgs):
+            return None
+        text = self._apply(msgs, conv.tools)
+        try:
+            spans = _Skeleton(lambda ms, **kw: self._apply(ms, conv.tools), msgs).spans(text, [m["content"] for m in msgs])
+        except RowError:
+            return None
+        reasoning = []
+        for msg, a, b in spans:
+            content = msgs[msg]["content"]
+            if not conv.trained[msg] or (r := reasoning_of(msgs[msg])) is None:
+                continue
+            if text[a:b] not in (content, content.strip(), content.lstrip(), content.rstrip()) or not r.strip():
+                return None  # the template rewrote a trained content
+            at = text.find(r.strip(), a, b)
+            reasoning.append((at, at + len(r.strip())))
+        return [_Layout(text, spans, reasoning=reasoning)]
 
     def _render_turns(self, conv: Conversation) -> list[_Layout]:
         """Conversations with reasoning, tool calls or tools (docs/chat.md). A trained turn k is the text
@@ -397,7 +435,7 @@ class Encoder:
             return len(prompt)
         common = len(_common_prefix(prompt, upto))
         opened = prompt[common:]
-        at = upto.find(opened, common) if opened else -1
+        at = upto.find(opened, common) if opened.strip() else -1  # whitespace alone could match anywhere
         if at < 0:
             return None
         reasoning = reasoning_of(message)
@@ -411,6 +449,9 @@ class Encoder:
         msgs, tools = list(conv.messages), conv.tools
         prompt, upto = self._apply(msgs[:k], tools, True), self._apply(msgs[: k + 1], tools)
         start = self._turn_start(prompt, upto, msgs[k])
+        reasoning = reasoning_of(msgs[k])
+        if reasoning is not None and reasoning.strip() not in upto and reasoning.strip() not in (msgs[k].get("content") or ""):
+            self._reasoning_span(upto, 0, 0, msgs[k])  # a reasoning field the template never renders
         if start is not None:
             turn = (k, start, len(upto), self._reasoning_span(upto, start, len(upto), msgs[k]))
             return _Layout(upto, self._prompt_spans(conv, upto, tools, {k}, upto=k + 1), [turn])
@@ -496,6 +537,9 @@ class Encoder:
             cats[first : last + 1] = COMPLETION
             if reasoning is not None and (r := _token_range(enc, *reasoning)) is not None:
                 cats[r[0] : r[1] + 1] = REASONING
+        for a, b in layout.reasoning:
+            if (r := _token_range(enc, a, b)) is not None:
+                cats[r[0] : r[1] + 1] = np.where(cats[r[0] : r[1] + 1] == COMPLETION, REASONING, cats[r[0] : r[1] + 1])
             if weights is not None:
                 weights[first : last + 1] = conv.weights[msg]
         return ids, cats, weights

@@ -56,8 +56,8 @@ class Conversation:
 
     @property
     def is_plain(self) -> bool:
-        """Only plain messages and no tools: the one-render skeleton path can mask it (docs/chat.md)."""
-        return self.tools is None and all(self.is_plain_message(i) for i in range(len(self.messages)))
+        """Only plain messages (tools may be given): the one-render skeleton path can mask it (docs/chat.md)."""
+        return all(self.is_plain_message(i) for i in range(len(self.messages)))
 
 
 def reasoning_of(message: dict[str, Any]) -> str | None:
