@@ -383,8 +383,8 @@ class Encoder:
     def _render_inline(self, conv: Conversation) -> list[_Layout] | None:
         """Inline <think> reasoning under a template that renders every trained content as it is: the
         one-render path, with each trained turn's reasoning located inside its content. None when a
-        message is structured (a reasoning field, tool calls) or the template rewrites a trained content
-        (e.g. drops its reasoning)."""
+        message is structured (a reasoning field, tool calls) or a trained turn's reasoning is not in its
+        rendered content (the template drops it)."""
         msgs = list(conv.messages)
         if any(len(m) > 2 or not isinstance(m["content"], str) for m in msgs):
             return None
@@ -395,12 +395,11 @@ class Encoder:
             return None
         reasoning = []
         for msg, a, b in spans:
-            content = msgs[msg]["content"]
             if not conv.trained[msg] or (r := reasoning_of(msgs[msg])) is None:
                 continue
-            if text[a:b] not in (content, content.strip(), content.lstrip(), content.rstrip()) or not r.strip():
-                return None  # the template rewrote a trained content
-            at = text.find(r.strip(), a, b)
+            at = text.find(r.strip(), a, b) if r.strip() else -1
+            if at < 0:
+                return None  # the template dropped (or rewrote) this turn's reasoning
             reasoning.append((at, at + len(r.strip())))
         return [_Layout(text, spans, reasoning=reasoning)]
 
