@@ -114,8 +114,8 @@ def truncate(
 
 
 _PAD = " \n"  # probe padding: shows whether a template keeps a content's outer whitespace
-_REWRITE_TRIES = 8
-_SKELETON_CACHE = 4096  # role patterns (x tool lists) kept  # occurrences of the following text tried when a template rewrote a content
+_REWRITE_TRIES = 8  # occurrences of the following text tried when a template rewrote a content
+_SKELETON_CACHE = 4096  # role patterns (x tool lists) kept
 
 
 def _placeholder(i: int) -> str:
@@ -149,7 +149,7 @@ class _Skeleton:
     tells, per message, whether the template keeps the content's outer whitespace, so a whitespace-only
     separator next to a content is never ambiguous."""
 
-    def __init__(self, render: Any, messages: list[dict[str, Any]], keep: frozenset[int] = frozenset(), **kw: Any):
+    def __init__(self, render: Any, messages: list[dict[str, Any]], keep: frozenset[int] = frozenset()):
         def with_placeholders(pad: str) -> list[dict[str, Any]]:
             return [
                 m if i in keep or not isinstance(m.get("content"), str) or not m["content"]
@@ -157,7 +157,7 @@ class _Skeleton:
                 for i, m in enumerate(messages)
             ]
 
-        text = render(with_placeholders(""), **kw)
+        text = render(with_placeholders(""))
         parts = _PLACEHOLDER.split(text)
         self.pieces: list[str] = parts[0::2]
         self.order: list[int] = [int(i) for i in parts[1::2]]
@@ -168,7 +168,7 @@ class _Skeleton:
             i for i, m in enumerate(messages)
             if i not in keep and isinstance(m.get("content"), str) and m["content"] and i not in self.order
         ]
-        padded = render(with_placeholders(_PAD), **kw)
+        padded = render(with_placeholders(_PAD))
         self.strip: dict[int, tuple[bool, bool]] = {}  # message -> (strips leading, strips trailing) whitespace
         for i in self.order:
             at = padded.find(_placeholder(i))
@@ -363,7 +363,7 @@ class Encoder:
         if key not in self._skeletons:
             if len(self._skeletons) > _SKELETON_CACHE:  # rows with tools of their own: bounded
                 self._skeletons.clear()
-            self._skeletons[key] = _Skeleton(lambda ms, **kw: self._apply(ms, conv.tools), list(conv.messages))
+            self._skeletons[key] = _Skeleton(lambda ms: self._apply(ms, conv.tools), list(conv.messages))
         return self._skeletons[key]
 
     def _render(self, conv: Conversation) -> list[_Layout]:
@@ -390,7 +390,7 @@ class Encoder:
             return None
         text = self._apply(msgs, conv.tools)
         try:
-            spans = _Skeleton(lambda ms, **kw: self._apply(ms, conv.tools), msgs).spans(text, [m["content"] for m in msgs])
+            spans = _Skeleton(lambda ms: self._apply(ms, conv.tools), msgs).spans(text, [m["content"] for m in msgs])
         except RowError:
             return None
         reasoning = []
@@ -448,9 +448,9 @@ class Encoder:
         msgs, tools = list(conv.messages), conv.tools
         prompt, upto = self._apply(msgs[:k], tools, True), self._apply(msgs[: k + 1], tools)
         start = self._turn_start(prompt, upto, msgs[k])
-        reasoning = reasoning_of(msgs[k])
-        if reasoning is not None and reasoning.strip() not in upto and reasoning.strip() not in (msgs[k].get("content") or ""):
-            self._reasoning_span(upto, 0, 0, msgs[k])  # a reasoning field the template never renders
+        reasoning = (reasoning_of(msgs[k]) or "").strip()
+        if reasoning and reasoning not in upto and reasoning not in (msgs[k].get("content") or ""):
+            raise _not_rendered()  # a reasoning field the template never renders
         if start is not None:
             turn = (k, start, len(upto), self._reasoning_span(upto, start, len(upto), msgs[k]))
             return _Layout(upto, self._prompt_spans(conv, upto, tools, {k}, upto=k + 1), [turn])
@@ -477,8 +477,7 @@ class Encoder:
             return None
         at = text.find(reasoning.strip(), start, end)
         if at < 0 or not reasoning.strip():
-            raise RowError("reasoning_not_rendered", "the chat template does not render this message's reasoning "
-                           "(use a template that does, e.g. --chat-template-file)")
+            raise _not_rendered()
         return at, at + len(reasoning.strip())
 
     def _prompt_spans(
@@ -489,7 +488,7 @@ class Encoder:
         a context turn's tool calls are scaffolding. A content the template rewrote (an earlier turn's
         reasoning dropped) is the text the template put in its place."""
         msgs = list(conv.messages[:upto])
-        skeleton = _Skeleton(lambda ms, **kw: self._apply(ms, tools, generation), msgs, frozenset(trained))
+        skeleton = _Skeleton(lambda ms: self._apply(ms, tools, generation), msgs, frozenset(trained))
         head = self._apply(msgs, tools, generation)
         if not text.startswith(head):
             raise RowError("template_mismatch", "the rendering of the earlier messages is not a prefix of the example")
@@ -579,6 +578,11 @@ class Encoder:
             w_arr = None if conv.weights is None else np.asarray(weights, np.float32)
             out.append((np.asarray(ids, np.int32), np.asarray(cats, np.uint8), w_arr))
         return out
+
+
+def _not_rendered() -> RowError:
+    return RowError("reasoning_not_rendered", "the chat template does not render this message's reasoning "
+                    "(give one that does: --chat-template-file)")
 
 
 def _common_prefix(a: str, b: str) -> str:
