@@ -176,11 +176,34 @@ class _Skeleton:
             trail = padded.startswith(_PAD, at + len(_placeholder(i)))
             self.strip[i] = (not lead, not trail)
 
-    def _candidates(self, msg: int, content: str) -> list[str]:
+    def _candidates(self, msg: int, content: str) -> Iterator[str]:
+        """The content as the template shows it (the probe's prediction) first, then the other
+        whitespace variants; lazily, as contents can be long."""
         lead, trail = self.strip[msg]
         first = content.lstrip() if lead else content
         first = first.rstrip() if trail else first
-        return list(dict.fromkeys((first, content, content.strip(), content.rstrip(), content.lstrip())))
+        yield first
+        seen = {len(first)}
+        for variant in (str.rstrip, str.lstrip, str.strip, str):
+            cand = variant(content)
+            if len(cand) not in seen:  # variants of one content differ only in length
+                seen.add(len(cand))
+                yield cand
+
+    def _greedy(self, text: str, contents: list[str]) -> list[tuple[int, int, int]] | None:
+        """The common case, fast: each content's first fitting variant, no backtracking, no rewrites."""
+        pos, out, n = len(self.pieces[0]), [], len(self.order)
+        for k, msg in enumerate(self.order):
+            after = self.pieces[k + 1]
+            for cand in self._candidates(msg, contents[msg]):
+                end = pos + len(cand)
+                if text.startswith(cand, pos) and text.startswith(after, end) and (k < n - 1 or end + len(after) == len(text)):
+                    out.append((msg, pos, end))
+                    pos = end + len(after)
+                    break
+            else:
+                return None
+        return out
 
     def spans(self, text: str, contents: list[str]) -> list[tuple[int, int, int]]:
         """(message index, start, end) character spans of each rendered content within text.
@@ -193,6 +216,9 @@ class _Skeleton:
             raise RowError("message_not_rendered", f"message {i} ({self.roles[i]}): the chat template leaves its content out")
         if not text.startswith(self.pieces[0]):
             raise RowError("template_mismatch", f"the rendering starts with {text[:40]!r}, the template's skeleton with {self.pieces[0][:40]!r}")
+        greedy = self._greedy(text, contents)
+        if greedy is not None:
+            return greedy
         failed: set[tuple[int, int]] = set()
         deepest = [0, len(self.pieces[0])]
 
@@ -220,7 +246,11 @@ class _Skeleton:
                 return None
             if k > deepest[0]:
                 deepest[:] = [k, pos]
-            for end in dict.fromkeys(ends(k, pos)):
+            tried = set()
+            for end in ends(k, pos):  # lazily: the fallbacks are searched only when the variants fail
+                if end in tried:
+                    continue
+                tried.add(end)
                 rest = walk(k + 1, end + len(self.pieces[k + 1]))
                 if rest is not None:
                     return [(self.order[k], pos, end), *rest]
