@@ -26,7 +26,7 @@ from ..config import DataConfig
 from ..errors import ConfigError, RowError
 from ..schema import COMPLETION, PROMPT, REASONING, TEMPLATE
 from ..tokenizer import special_ids, with_chat_template
-from .formats import RESERVED, Conversation, reasoning_of
+from .formats import RESERVED, Conversation, load_tools_file, reasoning_of
 
 PLAIN_SEPARATOR = "\n"  # between turns when no chat template is used (a template token)
 _PLACEHOLDER = re.compile(f"{RESERVED[0]}(\\d+){RESERVED[1]}")
@@ -326,6 +326,8 @@ class Encoder:
         self.is_special = np.zeros(max(len(tok), int(special.max(initial=0)) + 1), bool)  # id -> bool lookup
         self.is_special[special] = True
         self._skeletons: dict[tuple, _Skeleton] = {}
+        if cfg.tools:
+            load_tools_file(cfg.tools)  # a bad --tools file fails here, before any row
         if self.chat:
             with fixed_clock(self.day):
                 probe = tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ strftime_now('%Y-%m-%d') }}", tokenize=False)

@@ -222,14 +222,15 @@ def _tools(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, Any]] | None:
         except ValueError as e:
             raise RowError("bad_tools", f"not valid JSON: {e}", field="tools") from None
     if value is None:
-        return _tools_file(cfg.tools) if cfg.tools else None
+        return load_tools_file(cfg.tools) if cfg.tools else None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise RowError("bad_tools", "tools must be a list of JSON-schema objects", field="tools")
     return value
 
 
 @functools.lru_cache(maxsize=4)
-def _tools_file(path: str) -> list[dict[str, Any]]:
+def load_tools_file(path: str) -> list[dict[str, Any]]:
+    """The --tools list (read once per process)."""
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
