@@ -25,8 +25,8 @@ INPUTS = [("conversations/uniner_eval_multiturn_by_passage.jsonl.gz", 200), ("co
 TOKENIZER = "llama-3-instruct"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "description": "City name"}}, "required": ["city"]}}}]
-U = lambda text: {"role": "user", "content": text}  # noqa: E731
-A = lambda text, **kw: {"role": "assistant", "content": text, **kw}  # noqa: E731
+U = lambda text: {"role": "user", "content": text}
+A = lambda text, **kw: {"role": "assistant", "content": text, **kw}
 CRAFTED = [
     {"messages": [U("Hi"), A("Hello!"), U("And?"), A("Bye.")]},  # plain
     {"messages": [U("para one\n\npara two"), A("ans one\n\nans two")]},  # blank lines

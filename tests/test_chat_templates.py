@@ -13,12 +13,11 @@ import pytest
 from conftest import load_tokenizer, require_shared, tokenizer_dir
 
 from plw_data.config import DataConfig
-from plw_data.errors import ConfigError
+from plw_data.errors import ConfigError, RowError
 from plw_data.prepare.encode import Encoder, fixed_clock
 from plw_data.prepare.formats import to_conversation
 from plw_data.prepare.pipeline import prepare
 from plw_data.schema import COMPLETION, PROMPT, REASONING, TEMPLATE
-from plw_data.errors import RowError
 
 R1 = "chat_templates/llama.cpp/deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"
 HERMES3 = "chat_templates/llama.cpp/NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja"
@@ -89,7 +88,7 @@ def test_deepseek_r1_reasoning_one_example_per_trained_turn() -> None:
         {"role": "user", "content": "And 3+3?"},
         {"role": "assistant", "content": "<think>\nAdd again.\n</think>\n\nSix."},
     ]
-    conv, exs = examples(enc, cfg, {"messages": msgs})
+    _, exs = examples(enc, cfg, {"messages": msgs})
     assert len(exs) == 2  # the template drops every turn's reasoning: one example per trained turn
     for (ids, cats, _), k, reasoning in zip(exs, (1, 3), ("Add the numbers.", "Add again.")):
         prompt = reference(enc, msgs[:k], generation=True)
@@ -110,7 +109,7 @@ def test_qwen3_style_reasoning_field(tmp_path: Path) -> None:
     enc, cfg = encoder(str(template))
     one = [{"role": "user", "content": "Capital of France?"},
            {"role": "assistant", "content": "Paris.", "reasoning_content": "The capital of France is Paris."}]  # fmt: skip
-    conv, [(ids, cats, _)] = examples(enc, cfg, {"messages": one})
+    _, [(ids, cats, _)] = examples(enc, cfg, {"messages": one})
     assert ids.tolist() == enc.tok(reference(enc, one), add_special_tokens=False)["input_ids"]
     assert "".join(decoded(enc.tok, ids, cats, {COMPLETION, REASONING})) == (
         "<think>\nThe capital of France is Paris.\n</think>\n\nParis.<|im_end|>"
@@ -204,17 +203,20 @@ def test_llama32_date_is_fixed_across_midnight(tmp_path: Path, monkeypatch) -> N
 
 
 def test_gemma_whitespace_separators_and_empty_system() -> None:
-    enc, cfg = encoder(GEMMA, tok_name="llama-3-instruct")
+    # Phi-3's tokenizer writes each newline as its own byte token, so a newline on the wrong side of
+    # the template's "\n\n" separator would show (45e00e8 made the system's newline prompt and the
+    # user's template).
+    enc, cfg = encoder(GEMMA, tok_name="phi-3-mini-instruct")
     msgs = [{"role": "system", "content": "S\n"}, {"role": "user", "content": "\nU"}, {"role": "assistant", "content": "A"}]
-    conv = to_conversation({"messages": msgs}, cfg)
-    with fixed_clock(enc.day):
-        (layout,) = enc._render(conv)  # noqa: SLF001 - the character spans are what this test is about
-    text = layout.text
-    assert [(m, text[a:b]) for m, a, b in layout.spans] == [(0, "S"), (1, "\nU"), (2, "A")]
     _, [(ids, cats, _)] = examples(enc, cfg, {"messages": msgs})
     assert ids.tolist() == enc.tok(reference(enc, msgs), add_special_tokens=False)["input_ids"]
+    tokens = enc.tok.convert_ids_to_tokens(ids.tolist())
+    s = tokens.index("S")
+    assert list(zip(tokens[s : s + 5], cats[s : s + 5].tolist())) == [
+        ("S", PROMPT), ("<0x0A>", TEMPLATE), ("<0x0A>", TEMPLATE), ("<0x0A>", PROMPT), ("U", PROMPT),
+    ]  # fmt: skip
     empty = [{"role": "system", "content": ""}, *msgs[1:]]
-    _, [(ids, cats, _)] = examples(enc, cfg, {"messages": empty})
+    _, [(ids, _, _)] = examples(enc, cfg, {"messages": empty})
     assert ids.tolist() == enc.tok(reference(enc, empty), add_special_tokens=False)["input_ids"]
 
 

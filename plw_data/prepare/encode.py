@@ -130,7 +130,7 @@ def fixed_clock(day: _dt.date) -> Iterator[None]:
 
     class _Fixed(_dt.datetime):
         @classmethod
-        def now(cls, tz: Any = None) -> _dt.datetime:  # noqa: ARG003 - the run's date, whatever the zone
+        def now(cls, tz: Any = None) -> _dt.datetime:  # the run's date, whatever the zone
             return _dt.datetime(day.year, day.month, day.day)
 
     saved = ctu.datetime
