@@ -14,11 +14,14 @@ would; the report counts kept rows and drop reasons per template, on three sets:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INPUTS = [("conversations/uniner_eval_multiturn_by_passage.jsonl.gz", 200), ("conversations/fastchat_dummy_conversation.json", None)]
@@ -69,17 +72,43 @@ def measure(tmp: Path) -> dict[str, dict]:
         tok.chat_template = path.read_text(encoding="utf-8")
         entry = report[str(path.relative_to(DATA / "chat_templates"))] = {}
         for name, (cfg, items) in sets.items():
-            batch = Encoder(tok, cfg).encode(items)
+            encoder = Encoder(tok, cfg)
+            batch = encoder.encode(items)
             reasons = Counter(err.reason for *_, err in batch.dropped)
-            entry[name] = {"rows": len(items), "kept": len(set(batch.example_index.tolist())), "dropped": dict(reasons)}
+            entry[name] = {"rows": len(items), "kept": len(set(batch.example_index.tolist())), "dropped": dict(reasons),
+                           "inexact": _inexact(encoder, items, batch)}
     return report
+
+
+def _inexact(encoder, items: list, batch) -> int:
+    try:
+        from plw_data.prepare.encode import fixed_clock
+    except ImportError:  # older code: no fixed clock
+        fixed_clock = None
+    """Kept rows (one example each) whose ids differ from apply_chat_template(messages, tools=...)."""
+    convs = {i: conv for i, _, _, conv in items}
+    index = batch.example_index.tolist()
+    bounds = np.concatenate(([0], np.cumsum(batch.lengths)))
+    clock = getattr(encoder, "day", None) if fixed_clock else None
+    bad = 0
+    for k, i in enumerate(index):
+        if index.count(i) > 1:
+            continue  # per-turn examples: not one rendering of the whole conversation
+        conv = convs[i]
+        kw = {"tools": conv.tools} if getattr(conv, "tools", None) is not None else {}
+        with fixed_clock(clock) if clock else contextlib.nullcontext():
+            text = encoder.tok.apply_chat_template(list(conv.messages), tokenize=False, **kw)
+        ids = encoder.backend.encode(text, add_special_tokens=False).ids
+        bad += ids != batch.input_ids[bounds[k] : bounds[k + 1]].tolist()
+    return bad
 
 
 def _cell(entry: dict | None) -> str:
     if entry is None:
         return "-"
     why = ", ".join(f"{r} {n}" for r, n in sorted(entry["dropped"].items(), key=lambda x: -x[1]))
-    return f"{entry['kept']}/{entry['rows']}" + (f" ({why})" if why else "")
+    inexact = f", {entry['inexact']} kept not equal to apply_chat_template" if entry.get("inexact") else ""
+    return f"{entry['kept']}/{entry['rows']}" + (f" ({why}{inexact})" if why or inexact else "")
 
 
 def compare(before: dict, after: dict) -> str:
