@@ -9,6 +9,7 @@ is its flag's help text: the CLI (``cli/options.py``) generates every flag from 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import types
@@ -35,6 +36,7 @@ TrainOn = Literal["all", "last"]
 EndOfTurn = Literal["eot", "eot+separator", "none"]
 Truncation = Literal["left", "right", "drop"]
 OnError = Literal["skip", "fail"]
+ReasoningTurns = Literal["per-turn", "last"]
 
 
 @dataclass
@@ -47,6 +49,7 @@ class DataConfig:
     prompt_template: str | None = option(None, 'str.format template over row fields, e.g. "{question}".')
     completion_template: str | None = option(None, 'str.format template of the completion, e.g. "{answer}".')
     system_prompt: str | None = option(None, "System message added to every example.")
+    # A recipe may also give a FILE|DIR here: validate() moves it to chat_template_file.
     chat_template: bool | None = option(None, "Render with the tokenizer's chat template (default: when it has one).")
     train_on: TrainOn = option("all", "Assistant turns that are completion: all | last.")
     end_of_turn: EndOfTurn = option("eot", "What closes a trained turn: eot | eot+separator | none.")
@@ -70,6 +73,14 @@ class DataConfig:
         "tokenization; 0: 64 x --max-length.")
     mix: str | None = option(None, "Mixture YAML: several sources, each with its inputs, recipe and share "
                              "(docs/mixtures.md); replaces INPUT...", group="prepare")
+    chat_template_file: str | None = option(
+        None, "Chat template to use instead of the tokenizer's: a .jinja file, or a tokenizer folder (docs/chat.md)."
+    )
+    date: str = option("2026-01-01", "The date a chat template sees (strftime_now), fixed per run: YYYY-MM-DD.")
+    reasoning_turns: ReasoningTurns = option(
+        "per-turn", "Templates that drop earlier turns' reasoning: one example per trained turn (per-turn) | last."
+    )
+    tools: str | None = option(None, "JSON file with one tool list (JSON schemas) for every row without its own.")
 
     def field_chars_limit(self) -> int:
         """The row-size bound: memory stays bounded by the batch, not by the largest row."""
@@ -81,6 +92,17 @@ class DataConfig:
         _check_literal(self, "end_of_turn", EndOfTurn)
         _check_literal(self, "truncation", Truncation)
         _check_literal(self, "on_error", OnError)
+        _check_literal(self, "reasoning_turns", ReasoningTurns)
+        if isinstance(self.chat_template, str):  # recipe `chat_template: FILE|DIR`
+            if self.chat_template_file not in (None, self.chat_template):
+                raise ConfigError("give the chat template file once (chat_template or chat_template_file)")
+            self.chat_template, self.chat_template_file = True, self.chat_template
+        if self.chat_template_file is not None and self.chat_template is False:
+            raise ConfigError("--chat-template-file and --no-chat-template contradict each other")
+        try:
+            datetime.date.fromisoformat(self.date)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--date must be YYYY-MM-DD, got {self.date!r}") from None
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -67,3 +67,38 @@ def tokenizer_fingerprint(tok: Any, spec: str) -> dict[str, Any]:
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
     }
+
+
+def read_chat_template(source: str) -> str:
+    """A chat template from a .jinja file, or from a tokenizer folder (chat_template.jinja, or the
+    chat_template key of tokenizer_config.json; a named list uses its "default" entry)."""
+    import json
+
+    p = Path(source)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    if not p.is_dir():
+        raise ConfigError(f"{source}: chat template file or folder not found")
+    if (p / "chat_template.jinja").is_file():
+        return (p / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        template = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{source}: no chat_template.jinja and no readable tokenizer_config.json ({e})") from None
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    if not isinstance(template, str):
+        raise ConfigError(f"{source}: the folder holds no chat template")
+    return template
+
+
+def with_chat_template(tok: Any, source: str | None) -> Any:
+    """``tok``, or a shallow copy of it whose chat template is read from ``source`` (the caller's
+    tokenizer is left as it was); fingerprint the result to cover the template actually used."""
+    if source is None:
+        return tok
+    import copy
+
+    tok = copy.copy(tok)
+    tok.chat_template = read_chat_template(source)
+    return tok

@@ -12,7 +12,11 @@ scaffolding.
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +25,8 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import ConfigError, RowError
 from ..schema import COMPLETION, PROMPT, REASONING, TEMPLATE
-from ..tokenizer import special_ids
-from .formats import RESERVED, Conversation
+from ..tokenizer import special_ids, with_chat_template
+from .formats import RESERVED, Conversation, load_tools_file, reasoning_of
 from .limits import render_chat_template
 
 PLAIN_SEPARATOR = "\n"  # between turns when no chat template is used (a template token)
@@ -61,14 +65,17 @@ class EncodedBatch:
             empty = np.zeros(0, np.int64)
             return CountsBatch(self.example_index, empty, empty, empty, dropped)
         starts = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
-        completion = (self.category == COMPLETION) | (self.category == REASONING)
-        per = [np.add.reduceat(m.astype(np.int64), starts) for m in (self.category == TEMPLATE, self.category == PROMPT, completion)]
+        cats = np.where(self.category == REASONING, COMPLETION, self.category)  # reasoning is completion
+        per = [np.add.reduceat((cats == c).astype(np.int64), starts) for c in (TEMPLATE, PROMPT, COMPLETION)]
         return CountsBatch(self.example_index, *per, dropped)
 
     @staticmethod
     def from_examples(
-        kept: list[tuple[int, np.ndarray, np.ndarray]], dropped: list[tuple[int, str, int, RowError]], truncated: int
+        kept: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+        dropped: list[tuple[int, str, int, RowError]],
+        truncated: int,
     ) -> EncodedBatch:
+        """kept: (index, ids, categories, per-token weights or None when all 1)."""
         if not kept:
             return EncodedBatch(
                 np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint8), truncated, dropped
@@ -80,14 +87,19 @@ class EncodedBatch:
             np.concatenate([k[2] for k in kept]),
             truncated,
             dropped,
+            weight=None if all(k[3] is None for k in kept) else np.concatenate(
+                [k[3] if k[3] is not None else np.ones(len(k[1]), np.float32) for k in kept]
+            ),
         )
 
 
-def truncate(ids: np.ndarray, cats: np.ndarray, max_length: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
+def truncate(
+    ids: np.ndarray, cats: np.ndarray, max_length: int, policy: str, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Fit an example into max_length by removing prompt tokens only; the completion is kept whole."""
     excess = len(ids) - max_length
     if excess <= 0:
-        return ids, cats
+        return ids, cats, weights
     if policy == "drop":
         raise RowError("too_long", f"{len(ids)} tokens > max_length {max_length}")
     prompt_pos = np.flatnonzero(cats == PROMPT)
@@ -99,40 +111,167 @@ def truncate(ids: np.ndarray, cats: np.ndarray, max_length: int, policy: str) ->
     cut = prompt_pos[:excess] if policy == "left" else prompt_pos[len(prompt_pos) - excess :]
     keep = np.ones(len(ids), bool)
     keep[cut] = False
-    return ids[keep], cats[keep]
+    return ids[keep], cats[keep], None if weights is None else weights[keep]
+
+
+_PAD = " \n"  # probe padding: shows whether a template keeps a content's outer whitespace
+_REWRITE_TRIES = 8  # occurrences of the following text tried when a template rewrote a content
+_SKELETON_CACHE = 4096  # role patterns (x tool lists) kept
+
+
+def _placeholder(i: int) -> str:
+    return f"{RESERVED[0]}{i}{RESERVED[1]}"
+
+
+@contextmanager
+def fixed_clock(day: _dt.date) -> Iterator[None]:
+    """Pin the clock that chat templates read through transformers' ``strftime_now`` to midnight of
+    ``day``, so that a template printing today's date renders the same bytes on any day."""
+    from transformers.utils import chat_template_utils as ctu
+
+    class _Fixed(_dt.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> _dt.datetime:  # the run's date, whatever the zone
+            return _dt.datetime(day.year, day.month, day.day)
+
+    saved = ctu.datetime
+    ctu.datetime = _Fixed
+    try:
+        yield
+    finally:
+        ctu.datetime = saved
 
 
 class _Skeleton:
-    """A template rendered with placeholder contents: the fixed text between message contents."""
+    """A template rendered with placeholder contents: the fixed text between message contents.
 
-    def __init__(self, tok: Any, roles: tuple[str, ...]):
-        msgs = [{"role": r, "content": f"{RESERVED[0]}{i}{RESERVED[1]}"} for i, r in enumerate(roles)]
-        text = tok.apply_chat_template(msgs, tokenize=False)
+    Messages whose content is not a string, is empty, or is listed in ``keep`` render as they are:
+    their text is part of the fixed pieces. A second rendering with whitespace-padded placeholders
+    tells, per message, whether the template keeps the content's outer whitespace, so a whitespace-only
+    separator next to a content is never ambiguous."""
+
+    def __init__(self, render: Any, messages: list[dict[str, Any]], keep: frozenset[int] = frozenset()):
+        def with_placeholders(pad: str) -> list[dict[str, Any]]:
+            return [
+                m if i in keep or not isinstance(m.get("content"), str) or not m["content"]
+                else {**m, "content": f"{pad}{_placeholder(i)}{pad}"}
+                for i, m in enumerate(messages)
+            ]
+
+        text = render(with_placeholders(""))
         parts = _PLACEHOLDER.split(text)
         self.pieces: list[str] = parts[0::2]
         self.order: list[int] = [int(i) for i in parts[1::2]]
+        self.roles = [m["role"] for m in messages]
         if len(set(self.order)) != len(self.order) or self.order != sorted(self.order):
-            raise ConfigError(f"chat template renders messages out of order or twice (roles {roles}); masks would be ambiguous")
+            raise ConfigError(f"chat template renders messages out of order or twice (roles {self.roles}); masks would be ambiguous")
+        self.missing = [  # contents the template leaves out: nothing of them would be trained or seen
+            i for i, m in enumerate(messages)
+            if i not in keep and isinstance(m.get("content"), str) and m["content"] and i not in self.order
+        ]
+        padded = render(with_placeholders(_PAD))
+        self.strip: dict[int, tuple[bool, bool]] = {}  # message -> (strips leading, strips trailing) whitespace
+        for i in self.order:
+            at = padded.find(_placeholder(i))
+            lead = padded[max(at - len(_PAD), 0) : at] == _PAD
+            trail = padded.startswith(_PAD, at + len(_placeholder(i)))
+            self.strip[i] = (not lead, not trail)
 
-    def spans(self, text: str, contents: list[str]) -> list[tuple[int, int, int]]:
-        """(message index, start, end) character spans of each rendered content within text."""
-        pos = len(self.pieces[0])
-        if not text.startswith(self.pieces[0]):
-            raise RowError("template_mismatch", "the rendering does not start like the template's skeleton")
-        out = []
+    def _candidates(self, msg: int, content: str) -> Iterator[str]:
+        """The content as the template shows it (the probe's prediction) first, then the other
+        whitespace variants; lazily, as contents can be long."""
+        lead, trail = self.strip[msg]
+        first = content.lstrip() if lead else content
+        first = first.rstrip() if trail else first
+        yield first
+        seen = {len(first)}
+        for variant in (str.rstrip, str.lstrip, str.strip, str):
+            cand = variant(content)
+            if len(cand) not in seen:  # variants of one content differ only in length
+                seen.add(len(cand))
+                yield cand
+
+    def _greedy(self, text: str, contents: list[str]) -> list[tuple[int, int, int]] | None:
+        """The common case, fast: each content's first fitting variant, no backtracking, no rewrites."""
+        pos, out, n = len(self.pieces[0]), [], len(self.order)
         for k, msg in enumerate(self.order):
             after = self.pieces[k + 1]
-            last = k == len(self.order) - 1
-            content = contents[msg]
-            for cand in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+            for cand in self._candidates(msg, contents[msg]):
                 end = pos + len(cand)
-                if text.startswith(cand, pos) and text.startswith(after, end) and (not last or end + len(after) == len(text)):
+                if text.startswith(cand, pos) and text.startswith(after, end) and (k < n - 1 or end + len(after) == len(text)):
                     out.append((msg, pos, end))
                     pos = end + len(after)
                     break
             else:
-                raise RowError("template_mismatch", f"cannot locate message {msg}'s content in the rendered template")
+                return None
         return out
+
+    def spans(self, text: str, contents: list[str]) -> list[tuple[int, int, int]]:
+        """(message index, start, end) character spans of each rendered content within text.
+
+        Depth-first over each content's whitespace variants, backtracking when a later piece does
+        not follow; a content that the template rewrote (no variant fits) takes the text up to the
+        next fixed piece. Raises a RowError naming the message that cannot be placed."""
+        if self.missing:
+            i = self.missing[0]
+            raise RowError("message_not_rendered", f"message {i} ({self.roles[i]}): the chat template leaves its content out")
+        if not text.startswith(self.pieces[0]):
+            raise RowError("template_mismatch", f"the rendering starts with {text[:40]!r}, the template's skeleton with {self.pieces[0][:40]!r}")
+        greedy = self._greedy(text, contents)
+        if greedy is not None:
+            return greedy
+        failed: set[tuple[int, int]] = set()
+        deepest = [0, len(self.pieces[0])]
+
+        def ends(k: int, pos: int) -> Iterator[int]:
+            msg, after, last = self.order[k], self.pieces[k + 1], k == len(self.order) - 1
+            fits = lambda end: text.startswith(after, end) and (not last or end + len(after) == len(text))
+            for cand in self._candidates(msg, contents[msg]):
+                if text.startswith(cand, pos) and fits(pos + len(cand)):
+                    yield pos + len(cand)
+            if last:
+                if text.endswith(after) and len(text) - len(after) >= pos:
+                    yield len(text) - len(after)
+            elif after:
+                at = text.find(after, pos)
+                for _ in range(_REWRITE_TRIES):
+                    if at < 0:
+                        break
+                    yield at
+                    at = text.find(after, at + 1)
+
+        def walk(k: int, pos: int) -> list[tuple[int, int, int]] | None:
+            if k == len(self.order):
+                return [] if pos == len(text) else None
+            if (k, pos) in failed:
+                return None
+            if k > deepest[0]:
+                deepest[:] = [k, pos]
+            tried = set()
+            for end in ends(k, pos):  # lazily: the fallbacks are searched only when the variants fail
+                if end in tried:
+                    continue
+                tried.add(end)
+                rest = walk(k + 1, end + len(self.pieces[k + 1]))
+                if rest is not None:
+                    return [(self.order[k], pos, end), *rest]
+            failed.add((k, pos))
+            return None
+
+        try:
+            found = walk(0, len(self.pieces[0]))
+        except RecursionError:
+            raise RowError("too_many_turns", f"{len(self.order)} messages") from None
+        if found is None:
+            k, pos = deepest
+            k = min(k, len(self.order) - 1)
+            msg = self.order[k]
+            raise RowError(
+                "template_mismatch",
+                f"message {msg} ({self.roles[msg]}): the template altered it: the rendering has {text[pos : pos + 60]!r} "
+                f"where the content {contents[msg][:40]!r} then {self.pieces[k + 1][:30]!r} should be",
+            )
+        return found
 
 
 def _token_range(enc: Any, start: int, end: int) -> tuple[int, int] | None:
@@ -151,12 +290,23 @@ def _token_range(enc: Any, start: int, end: int) -> tuple[int, int] | None:
 
 
 @dataclass
+class _Layout:
+    """One example's rendered text and where its messages are in it (character spans)."""
+
+    text: str
+    spans: list[tuple[int, int, int]]  # (message, start, end) of located contents
+    turns: list[tuple[int, int, int, tuple[int, int] | None]] | None = None  # (message, start, end, reasoning span):
+    # a trained turn as the model generates it (tool calls, reasoning, closing tokens); None: one-render path
+    reasoning: list[tuple[int, int]] = field(default_factory=list)  # one-render path: inline <think> spans of trained turns
+
+
+@dataclass
 class _Job:
     """One chunk between render and finish: what the tokenizer call needs, and what finish needs after."""
 
     convs: list  # (index, file, row, Conversation) of the rows still alive
     dropped: list[tuple[int, str, int, RowError]]
-    rendered: list  # chat: (text, spans) or RowError per conv; plain: unused
+    rendered: list  # chat: list[_Layout] or RowError per conv; plain: unused
     texts: list[str]  # what goes to the tokenizer
 
 
@@ -164,22 +314,31 @@ class Encoder:
     """Encodes conversations for one tokenizer and config; stateless across batches except caches."""
 
     def __init__(self, tok: Any, cfg: DataConfig):
+        tok = with_chat_template(tok, cfg.chat_template_file)
         has_template = isinstance(getattr(tok, "chat_template", None), str)
         if cfg.chat_template and not has_template:
             raise ConfigError(f"{cfg.tokenizer}: --chat-template was asked for but the tokenizer has none")
-        self.tok = tok
+        self.tok = tok  # with the run's chat template: fingerprint this one
         self.cfg = cfg
-        self.chat = has_template if cfg.chat_template is None else cfg.chat_template
+        self.chat = has_template if cfg.chat_template is None else bool(cfg.chat_template)
+        self.day = _dt.date.fromisoformat(cfg.date)
         self.backend = tok.backend_tokenizer
         special = np.array(sorted(special_ids(tok)), np.int64)
         self.is_special = np.zeros(max(len(tok), int(special.max(initial=0)) + 1), bool)  # id -> bool lookup
         self.is_special[special] = True
-        self._skeletons: dict[tuple[str, ...], _Skeleton] = {}
+        self._skeletons: dict[tuple, _Skeleton] = {}
+        if cfg.tools:
+            load_tools_file(cfg.tools)  # a bad --tools file fails here, before any row
+        if self.chat:
+            with fixed_clock(self.day):
+                probe = tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ strftime_now('%Y-%m-%d') }}", tokenize=False)
+            if probe != cfg.date:
+                raise ConfigError(f"this transformers version's template clock cannot be fixed (got {probe!r}); --date would not hold")
         if not self.chat:
             if tok.eos_token_id is None:
                 raise ConfigError(f"{cfg.tokenizer}: plain (no chat template) rendering needs an EOS token")
-            probe = self.backend.encode("a", add_special_tokens=True).ids
-            self.bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
+            probe_ids = self.backend.encode("a", add_special_tokens=True).ids
+            self.bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe_ids[:1] == [tok.bos_token_id] else []
 
     def encode(self, items: list[tuple[int, str, int, Conversation | RowError]]) -> EncodedBatch:
         """items: (global index, file, row, conversation or the error that already drops it)."""
@@ -192,13 +351,15 @@ class Encoder:
         convs = [(i, f, r, c) for i, f, r, c in items if not isinstance(c, RowError)]
         if not self.chat:
             return _Job(convs, dropped, [], self._plain_pieces(convs))
-        rendered = []
-        for *_, conv in convs:
-            try:
-                rendered.append(self._render(conv))
-            except RowError as e:
-                rendered.append(e)
-        return _Job(convs, dropped, rendered, [r[0] for r in rendered if not isinstance(r, RowError)])
+        rendered: list[list[_Layout] | RowError] = []
+        with fixed_clock(self.day):
+            for *_, conv in convs:
+                try:
+                    rendered.append(self._render(conv))
+                except RowError as e:
+                    rendered.append(e)
+        texts = [layout.text for r in rendered if not isinstance(r, RowError) for layout in r]
+        return _Job(convs, dropped, rendered, texts)
 
     def tokenize(self, job: _Job) -> list[Any]:
         """The Rust tokenizer call; it releases the GIL, so it can overlap Python work in a thread."""
@@ -206,61 +367,213 @@ class Encoder:
 
     def finish(self, job: _Job, encodings: list[Any]) -> EncodedBatch:
         """Masks, truncation and drops from the tokenizer's output."""
-        examples = self._chat_masks(job, encodings) if self.chat else self._assemble_plain(job.convs, encodings)
+        examples = self._chat_masks(job, encodings) if self.chat else [[e] for e in self._assemble_plain(job.convs, encodings)]
         dropped, kept, truncated = list(job.dropped), [], 0
-        for (index, file, row, _), example in zip(job.convs, examples):
-            if isinstance(example, RowError):
-                dropped.append((index, file, row, example))
+        for (index, file, row, _), per_row in zip(job.convs, examples):
+            if isinstance(per_row, RowError):
+                dropped.append((index, file, row, per_row))
                 continue
-            ids, cats = example
             try:
-                t_ids, t_cats = truncate(ids, cats, self.cfg.max_length, self.cfg.truncation)
+                cut = [truncate(ids, cats, self.cfg.max_length, self.cfg.truncation, w) for ids, cats, w in per_row]
             except RowError as e:
                 dropped.append((index, file, row, e))
                 continue
-            truncated += len(t_ids) < len(ids)
-            kept.append((index, t_ids, t_cats))
+            for (ids, _, _), (t_ids, t_cats, t_w) in zip(per_row, cut):
+                truncated += len(t_ids) < len(ids)
+                kept.append((index, t_ids, t_cats, t_w))
         dropped.sort(key=lambda d: d[0])
         return EncodedBatch.from_examples(kept, dropped, truncated)
 
     # -- chat templates -------------------------------------------------------------------------
 
-    def _skeleton(self, roles: tuple[str, ...]) -> _Skeleton:
-        if roles not in self._skeletons:
-            self._skeletons[roles] = _Skeleton(self.tok, roles)
-        return self._skeletons[roles]
+    def _apply(self, messages: list[dict[str, Any]], tools: Any = None, generation: bool = False) -> str:
+        return render_chat_template(self.tok, messages, self.cfg, tools=tools, add_generation_prompt=generation)
 
-    def _render(self, conv: Conversation) -> tuple[str, list[tuple[int, int, int]]]:
+    def _skeleton(self, conv: Conversation) -> _Skeleton:
+        # Empty contents render as they are; a tool list is part of the fixed text.
+        tools = None if conv.tools is None else json.dumps(conv.tools, sort_keys=True)
+        key = (tools, *((m["role"], not m["content"]) for m in conv.messages))
+        if key not in self._skeletons:
+            if len(self._skeletons) > _SKELETON_CACHE:  # rows with tools of their own: bounded
+                self._skeletons.clear()
+            self._skeletons[key] = _Skeleton(lambda ms: self._apply(ms, conv.tools), list(conv.messages))
+        return self._skeletons[key]
+
+    def _render(self, conv: Conversation) -> list[_Layout]:
         try:
-            text = render_chat_template(self.tok, list(conv.messages), self.cfg)
-            skeleton = self._skeleton(conv.roles)
+            if conv.is_plain:
+                text = self._apply(list(conv.messages), conv.tools)
+                skeleton = self._skeleton(conv)
+                return [_Layout(text, skeleton.spans(text, [m["content"] for m in conv.messages]))]
+            return self._render_inline(conv) or self._render_turns(conv)
         except RowError:
             raise
         except Exception as e:  # a template's raise_exception(), a jinja error
             raise RowError("template_error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        return text, skeleton.spans(text, [m["content"] for m in conv.messages])
 
-    def _chat_masks(self, job: _Job, encodings: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | RowError]:
+    # -- reasoning and tools: each trained turn as the model generates it ---------------------------
+
+    def _render_inline(self, conv: Conversation) -> list[_Layout] | None:
+        """Inline <think> reasoning under a template that renders every trained content as it is: the
+        one-render path, with each trained turn's reasoning located inside its content. None when a
+        message is structured (a reasoning field, tool calls) or a trained turn's reasoning is not in its
+        rendered content (the template drops it)."""
+        msgs = list(conv.messages)
+        if any(len(m) > 2 or not isinstance(m["content"], str) for m in msgs):
+            return None
+        text = self._apply(msgs, conv.tools)
+        try:
+            spans = _Skeleton(lambda ms: self._apply(ms, conv.tools), msgs).spans(text, [m["content"] for m in msgs])
+        except RowError:
+            return None
+        reasoning = []
+        for msg, a, b in spans:
+            if not conv.trained[msg] or (r := reasoning_of(msgs[msg])) is None:
+                continue
+            at = text.find(r.strip(), a, b) if r.strip() else -1
+            if at < 0:
+                return None  # the template dropped (or rewrote) this turn's reasoning
+            reasoning.append((at, at + len(r.strip())))
+        return [_Layout(text, spans, reasoning=reasoning)]
+
+    def _render_turns(self, conv: Conversation) -> list[_Layout]:
+        """Conversations with reasoning, tool calls or tools (docs/chat.md). A trained turn k is the text
+        the template adds for message k after rendering messages[:k] with the generation prompt. When
+        the whole conversation's rendering holds every trained turn that way, it is one example;
+        otherwise (a template that drops earlier turns' reasoning) one example per trained turn, or only
+        the last (--reasoning-turns)."""
+        msgs, tools = list(conv.messages), conv.tools
+        trained = [k for k, t in enumerate(conv.trained) if t]
+        full = self._apply(msgs, tools)
+        turns = []
+        for k in trained:
+            upto = self._apply(msgs[: k + 1], tools)
+            start = self._turn_start(self._apply(msgs[:k], tools, True), upto, msgs[k])
+            if start is None or not full.startswith(upto):
+                break
+            turns.append((k, start, len(upto), self._reasoning_span(full, start, len(upto), msgs[k])))
+        else:
+            return [_Layout(full, self._prompt_spans(conv, full, tools, set(trained)), turns)]
+        chosen = trained if self.cfg.reasoning_turns == "per-turn" else trained[-1:]
+        return [self._generated_turn(conv, k) for k in chosen]
+
+    @staticmethod
+    def _turn_start(prompt: str, upto: str, message: dict[str, Any]) -> int | None:
+        """Where turn k starts in the rendering of messages[:k+1], or None when that rendering does not
+        hold the turn as generated after ``prompt`` (the rendering with the generation prompt). Some
+        templates close the previous message differently when a generation prompt follows (Hermes-3
+        after a tool result): the turn then starts after the generation prompt's own scaffolding."""
+        if upto.startswith(prompt):
+            return len(prompt)
+        common = len(_common_prefix(prompt, upto))
+        opened = prompt[common:]
+        at = upto.find(opened, common) if opened.strip() else -1  # whitespace alone could match anywhere
+        if at < 0:
+            return None
+        reasoning = reasoning_of(message)
+        if reasoning is not None and reasoning.strip() not in upto[at:]:
+            return None
+        return at + len(opened)
+
+    def _generated_turn(self, conv: Conversation, k: int) -> _Layout:
+        """One example for trained turn k: messages[:k] as the template renders them, then turn k as
+        the model generates it; earlier assistant turns are context (prompt)."""
+        msgs, tools = list(conv.messages), conv.tools
+        prompt, upto = self._apply(msgs[:k], tools, True), self._apply(msgs[: k + 1], tools)
+        start = self._turn_start(prompt, upto, msgs[k])
+        reasoning = (reasoning_of(msgs[k]) or "").strip()
+        if reasoning and reasoning not in upto and reasoning not in (msgs[k].get("content") or ""):
+            raise _not_rendered()  # a reasoning field the template never renders
+        if start is not None:
+            turn = (k, start, len(upto), self._reasoning_span(upto, start, len(upto), msgs[k]))
+            return _Layout(upto, self._prompt_spans(conv, upto, tools, {k}, upto=k + 1), [turn])
+        # The template rewrote the turn (e.g. dropped its reasoning): the generation prompt, then the
+        # message as the data has it (less what the prompt already opened), closed as the template closes it.
+        common = len(_common_prefix(prompt, upto))
+        opened, rendered = prompt[common:], upto[common:]
+        raw = msgs[k].get("content") or ""
+        answer = raw.split("</think>")[-1]
+        shown = next((a for a in dict.fromkeys((answer, answer.lstrip(), answer.strip())) if rendered.startswith(a)), None)
+        if shown is None or not raw.startswith(opened):
+            raise RowError(
+                "template_mismatch",
+                f"message {k} (assistant): the template renders it as {rendered[:50]!r}, not as a generation "
+                f"after its prompt's {opened[:30]!r}",
+            )
+        text = prompt + raw[len(opened) :] + rendered[len(shown) :]
+        turn = (k, len(prompt), len(text), self._reasoning_span(text, len(prompt), len(text), msgs[k]))
+        return _Layout(text, self._prompt_spans(conv, prompt, tools, {k}, upto=k, generation=True), [turn])
+
+    def _reasoning_span(self, text: str, start: int, end: int, message: dict[str, Any]) -> tuple[int, int] | None:
+        reasoning = reasoning_of(message)
+        if reasoning is None:
+            return None
+        at = text.find(reasoning.strip(), start, end)
+        if at < 0 or not reasoning.strip():
+            raise _not_rendered()
+        return at, at + len(reasoning.strip())
+
+    def _prompt_spans(
+        self, conv: Conversation, text: str, tools: Any, trained: set[int], *, upto: int | None = None, generation: bool = False
+    ) -> list[tuple[int, int, int]]:
+        """Spans of the untrained text contents (user, system, tool results, context turns) in the first
+        part of text that renders messages[:upto]; trained turns stay fixed (located by _turn_start), and
+        a context turn's tool calls are scaffolding. A content the template rewrote (an earlier turn's
+        reasoning dropped) is the text the template put in its place."""
+        msgs = list(conv.messages[:upto])
+        skeleton = _Skeleton(lambda ms: self._apply(ms, tools, generation), msgs, frozenset(trained))
+        head = self._apply(msgs, tools, generation)
+        if not text.startswith(head):
+            raise RowError("template_mismatch", "the rendering of the earlier messages is not a prefix of the example")
+        return skeleton.spans(head, [m["content"] or "" for m in msgs])
+
+    def _chat_masks(self, job: _Job, encodings: list[Any]) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] | RowError]:
         it = iter(encodings)
-        return [r if isinstance(r, RowError) else self._masks(next(it), r[1], conv) for (*_, conv), r in zip(job.convs, job.rendered)]
+        return [
+            r if isinstance(r, RowError) else [self._masks(next(it), layout, conv) for layout in r]
+            for (*_, conv), r in zip(job.convs, job.rendered)
+        ]
 
-    def _masks(self, enc: Any, spans: list[tuple[int, int, int]], conv: Conversation) -> tuple[np.ndarray, np.ndarray]:
+    def _masks(self, enc: Any, layout: _Layout, conv: Conversation) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         ids = np.asarray(enc.ids, dtype=np.int32)
         cats = np.zeros(len(ids), np.uint8)
-        ranges = [(msg, _token_range(enc, a, b)) for msg, a, b in spans if b > a]
+        weights = None if conv.weights is None else np.ones(len(ids), np.float32)
+        ranges = [(msg, _token_range(enc, a, b)) for msg, a, b in layout.spans if b > a]
         ranges = [(msg, r) for msg, r in ranges if r is not None]
+        in_turns = {t[0] for t in layout.turns or ()}
         for k, (msg, (first, last)) in enumerate(ranges):
-            trained = conv.trained[msg]
-            cats[first : last + 1] = COMPLETION if trained else PROMPT
-            if not trained or self.cfg.end_of_turn == "none":
+            if msg in in_turns:
                 continue
-            limit = ranges[k + 1][1][0] if k + 1 < len(ranges) else len(ids)
-            is_special = self.is_special[ids[last + 1 : limit]]
-            if is_special.any():
-                eot = last + 1 + int(is_special.argmax())
-                start = last + 1 if self.cfg.end_of_turn == "eot+separator" else eot
-                cats[start : eot + 1] = COMPLETION
-        return ids, cats
+            trained = conv.trained[msg] and layout.turns is None
+            cats[first : last + 1] = COMPLETION if trained else PROMPT
+            end = last + 1
+            if trained and self.cfg.end_of_turn != "none":
+                limit = ranges[k + 1][1][0] if k + 1 < len(ranges) else len(ids)
+                is_special = self.is_special[ids[last + 1 : limit]]
+                if is_special.any():
+                    eot = last + 1 + int(is_special.argmax())
+                    start = last + 1 if self.cfg.end_of_turn == "eot+separator" else eot
+                    cats[start : eot + 1] = COMPLETION
+                    end = eot + 1
+            if weights is not None:
+                weights[first:end] = conv.weights[msg]
+        for msg, a, b, reasoning in layout.turns or ():
+            span = _token_range(enc, a, b)
+            if span is None:
+                continue
+            first, last = span
+            special = np.flatnonzero(self.is_special[ids[first : last + 1]])
+            if len(special):  # the closing token ends the turn; what follows it is scaffolding
+                last = first + int(special[-1]) - (self.cfg.end_of_turn == "none")
+            cats[first : last + 1] = COMPLETION
+            if reasoning is not None and (r := _token_range(enc, *reasoning)) is not None:
+                cats[r[0] : r[1] + 1] = REASONING
+        for a, b in layout.reasoning:
+            if (r := _token_range(enc, a, b)) is not None:
+                cats[r[0] : r[1] + 1] = np.where(cats[r[0] : r[1] + 1] == COMPLETION, REASONING, cats[r[0] : r[1] + 1])
+            if weights is not None:
+                weights[first : last + 1] = conv.weights[msg]
+        return ids, cats, weights
 
     # -- plain text (no chat template) ----------------------------------------------------------
 
@@ -272,23 +585,39 @@ class Encoder:
                 pieces.extend(([PLAIN_SEPARATOR] if k else []) + [m["content"]])
         return pieces
 
-    def _assemble_plain(self, convs: list, encodings: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _assemble_plain(self, convs: list, encodings: list[Any]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         encoded = iter(e.ids for e in encodings)
         eos = self.tok.eos_token_id
         out = []
         for *_, conv in convs:
             ids: list[int] = list(self.bos)
             cats: list[int] = [TEMPLATE] * len(self.bos)
+            weights: list[float] = [1.0] * len(self.bos)
             for k, trained in enumerate(conv.trained):
+                w = conv.weights[k] if conv.weights is not None else 1.0
                 if k:
                     sep = next(encoded)
                     ids += sep
                     cats += [TEMPLATE] * len(sep)
+                    weights += [1.0] * len(sep)
                 content = next(encoded)
                 ids += content
                 cats += [COMPLETION if trained else PROMPT] * len(content)
+                weights += [w] * len(content)
                 if trained:
                     ids.append(eos)
                     cats.append(TEMPLATE if self.cfg.end_of_turn == "none" else COMPLETION)
-            out.append((np.asarray(ids, np.int32), np.asarray(cats, np.uint8)))
+                    weights.append(w if self.cfg.end_of_turn != "none" else 1.0)
+            w_arr = None if conv.weights is None else np.asarray(weights, np.float32)
+            out.append((np.asarray(ids, np.int32), np.asarray(cats, np.uint8), w_arr))
         return out
+
+
+def _not_rendered() -> RowError:
+    return RowError("reasoning_not_rendered", "the chat template does not render this message's reasoning "
+                    "(give one that does: --chat-template-file)")
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]

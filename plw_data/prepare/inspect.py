@@ -14,9 +14,13 @@ import pyarrow as pa
 
 from .. import schema as S
 from ..errors import ConfigError, PLWError
-from ..schema import CATEGORY_NAMES, COMPLETION, PROMPT, TEMPLATE
+from ..schema import CATEGORY_NAMES, COMPLETION, PROMPT, REASONING, TEMPLATE
 
-STYLES = {TEMPLATE: "dim magenta", PROMPT: "cyan", COMPLETION: "bold green"}
+TOOL_CALL = -1  # display only: a completion run that holds a tool call
+STYLES = {TEMPLATE: "dim magenta", PROMPT: "cyan", COMPLETION: "bold green", REASONING: "italic green", TOOL_CALL: "bold yellow"}
+NAMES = {**dict(enumerate(CATEGORY_NAMES)), REASONING: "reasoning", TOOL_CALL: "tool call"}
+#: Markers that chat templates put around a tool call; a completion run holding one is shown as a tool call.
+TOOL_MARKERS = ("<tool_call>", "<｜tool▁calls▁begin｜>", "[TOOL_CALLS]", "<|python_tag|>", "<|tool_call|>", "functools[")
 
 
 def read_row(directory: Path, split: str, index: int) -> dict[str, np.ndarray]:
@@ -58,27 +62,35 @@ def render_row(directory: Path, split: str, index: int, *, show_ids: bool = Fals
     tok = load_tokenizer(tokenizer or manifest["tokenizer"]["name_or_path"])
     row = read_row(directory, split, index)
     ids, cats = row[S.INPUT_IDS], S.categories(row[S.PROMPT_MASK], row[S.COMPLETION_MASK])
+    if S.REASONING_MASK in row and row[S.REASONING_MASK] is not None and len(row[S.REASONING_MASK]) == len(ids):
+        cats = np.where(row[S.REASONING_MASK].astype(bool), REASONING, cats)
     legend = Text.assemble(
         f"{split}[{index}]: {len(ids)} tokens, {len(row[S.SEQ_LENGTHS])} example(s)   ",
-        *[(f" {CATEGORY_NAMES[c]} ", STYLES[c] + " reverse") for c in (PROMPT, COMPLETION, TEMPLATE)],
+        *[(f" {NAMES[c]} ", STYLES[c] + " reverse") for c in (PROMPT, COMPLETION, REASONING, TOOL_CALL, TEMPLATE)],
     )
     parts: list[Any] = [legend]
     start = 0
     for length, example in zip(row[S.SEQ_LENGTHS].tolist(), row[S.EXAMPLE_INDEX].tolist()):
         end = start + length
-        counts = np.bincount(cats[start:end], minlength=3)
+        counts = np.bincount(cats[start:end], minlength=4)
         header = (
             f"── example {example}: tokens {start}..{end - 1}  "
-            f"(prompt {counts[PROMPT]}, completion {counts[COMPLETION]}, template {counts[TEMPLATE]}) ──"
+            f"(prompt {counts[PROMPT]}, completion {counts[COMPLETION] + counts[REASONING]}"
+            + (f" of which reasoning {counts[REASONING]}" if counts[REASONING] else "")
+            + f", template {counts[TEMPLATE]}) ──"
         )
         body = Text()
         for a, b in _runs(cats[start:end]):
-            body.append(tok.decode(ids[start + a : start + b].tolist()), style=STYLES[int(cats[start + a])])
+            text = tok.decode(ids[start + a : start + b].tolist())
+            cat = int(cats[start + a])
+            if cat == COMPLETION and any(m in text for m in TOOL_MARKERS):
+                cat = TOOL_CALL
+            body.append(text, style=STYLES[cat])
         parts += [Text(header, style="bold"), body]
         if show_ids:
             table = Table("pos", "id", "token", "category", box=None)
             for p in range(start, end):
-                table.add_row(str(p), str(int(ids[p])), repr(tok.convert_ids_to_tokens(int(ids[p]))), CATEGORY_NAMES[int(cats[p])])
+                table.add_row(str(p), str(int(ids[p])), repr(tok.convert_ids_to_tokens(int(ids[p]))), NAMES[int(cats[p])])
             parts.append(table)
         start = end
     return Group(*parts)

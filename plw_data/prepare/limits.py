@@ -70,9 +70,9 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise _LimitExceeded(f"took over {TEMPLATE_SECONDS:g}s to render")
 
 
-def render_chat_template(tok: Any, messages: list[dict[str, Any]], cfg: DataConfig) -> str:
-    """``tok.apply_chat_template(messages, tokenize=False)`` under the time and size limits; a
-    RowError("template_error") beyond them. Output limit: twice the contents plus the row-size limit."""
+def render_chat_template(tok: Any, messages: list[dict[str, Any]], cfg: DataConfig, **kwargs: Any) -> str:
+    """``tok.apply_chat_template(messages, tokenize=False, **kwargs)`` under the time and size limits;
+    a RowError("template_error") beyond them. Output limit: twice the contents plus the row-size limit."""
     content = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
     _budget.max_chars = 2 * content + cfg.field_chars_limit()
     _budget.deadline = time.monotonic() + TEMPLATE_SECONDS
@@ -81,7 +81,7 @@ def render_chat_template(tok: Any, messages: list[dict[str, Any]], cfg: DataConf
         previous = signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
     try:
-        return tok.apply_chat_template(messages, tokenize=False)
+        return tok.apply_chat_template(messages, tokenize=False, **kwargs)
     except _LimitExceeded as e:
         raise RowError("template_error", f"the chat template {e}") from None
     finally:

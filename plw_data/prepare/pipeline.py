@@ -296,8 +296,8 @@ def prepare(
         raise ConfigError("--tokenizer is required")
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-    Encoder(tok, cfg)  # fail fast on a config the tokenizer cannot serve
-    core = _manifest_core(inputs, cfg, tokenizer_fingerprint(tok, cfg.tokenizer))
+    encoder = Encoder(tok, cfg)  # fail fast on a config the tokenizer cannot serve
+    core = _manifest_core(inputs, cfg, tokenizer_fingerprint(encoder.tok, cfg.tokenizer))  # the template in use
     output = Path(output)
     out.check_target(output, overwrite=overwrite)
     if (output / S.MANIFEST).exists() and not overwrite:
@@ -333,7 +333,7 @@ def prepare(
             else:
                 splits["train"] = (train, members)
         if not any(len(staged.lengths) for staged, _ in splits.values()):
-            raise PLWError(_nothing_kept(n_train_rows + n_eval_rows, dropped))
+            raise ConfigError(_nothing_kept(n_train_rows + n_eval_rows, dropped))
     except PLWError:
         out.discard(work, output, remove_output=fresh)
         raise

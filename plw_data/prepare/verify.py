@@ -186,7 +186,7 @@ def read_dropped(d: Path, m: dict[str, Any]) -> np.ndarray:
 
 def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None, *, trust_remote_code: bool = False) -> str:
     """The tokenizer's fingerprint must equal the manifest's (all keys but its name or path)."""
-    from ..tokenizer import load_tokenizer, tokenizer_fingerprint
+    from ..tokenizer import load_tokenizer, tokenizer_fingerprint, with_chat_template
 
     claimed = m["tokenizer"]
     trust = trust_remote_code  # never the manifest's config.trust_remote_code
@@ -201,6 +201,10 @@ def check_tokenizer(d: Path, m: dict[str, Any], spec: str | None, *, trust_remot
         spec = local
     else:
         tok = load_tokenizer(spec, trust_remote_code=trust)
+    try:  # the fingerprint covers the chat template the run used (--chat-template-file)
+        tok = with_chat_template(tok, m["config"].get("chat_template_file"))
+    except PLWError as e:
+        return f"tokenizer: not checked ({e})"
     actual = tokenizer_fingerprint(tok, spec)
     for key, want in claimed.items():
         if key != "name_or_path" and key in actual and actual[key] != want:
