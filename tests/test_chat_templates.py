@@ -312,3 +312,41 @@ def test_inline_reasoning_under_a_template_that_keeps_it_is_one_exact_example() 
     conv = to_conversation({"messages": [msgs[0], {"role": "assistant", "content": "4.", "thinking": "Add."}]}, cfg)
     (err,) = [d[3] for d in enc.encode([(0, "f", 0, conv)]).dropped]
     assert err.reason == "reasoning_not_rendered"
+
+
+def test_reasoning_dataset_prepares_verifies_and_keeps_each_row_in_one_split(tmp_path: Path) -> None:
+    """Multi-turn R1 conversations (earlier turns' reasoning dropped by the template): one example per
+    trained turn, reasoning_mask on disk, every row's examples in one split, and `verify` passes."""
+    import datasets
+
+    from plw_data import schema as S
+    from plw_data.batch.collate import PLWCollator
+    from plw_data.prepare.verify import verify
+
+    rows = []
+    for k in range(12):
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {k} + {k}?"},
+            {"role": "assistant", "content": f"<think>\nAdding {k} to itself gives {2 * k}.\n</think>\n\nIt is {2 * k}."},
+            {"role": "user", "content": "And times three?"},
+            {"role": "assistant", "content": f"<think>\n{3 * k} is {k} three times.\n</think>\n\n{3 * k}."},
+        ]})
+    src = tmp_path / "r1.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(tokenizer=str(tokenizer_dir("qwen2.5-instruct")), format="messages", max_length=512,
+                     chat_template_file=str(require_shared(R1)), eval_fraction=0.25)
+    cfg.validate()
+    m = prepare([str(src)], cfg, tmp_path / "out", progress=False)
+    assert m["counts"]["kept"] == 12 and m["counts"]["repeated"] == 12  # two examples per row
+    verify(tmp_path / "out")
+    seen: dict[str, set[int]] = {}
+    reasoning_tokens = 0
+    for split in ("train", "eval"):
+        ds = datasets.load_from_disk(str(tmp_path / "out" / split))
+        assert S.REASONING_MASK in ds.column_names
+        seen[split] = {i for row in ds for i in row[S.EXAMPLE_INDEX]}
+        reasoning_tokens += sum(sum(row[S.REASONING_MASK]) for row in ds)
+        batch = PLWCollator(0.1, reasoning_weight=0.0)(list(ds))
+        assert batch["loss_weights"].sum() > 0
+    assert not seen["train"] & seen["eval"] and len(seen["train"] | seen["eval"]) == 12
+    assert reasoning_tokens == sum(s["reasoning_tokens"] for s in m["splits"].values()) > 0

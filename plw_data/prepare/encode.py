@@ -57,6 +57,11 @@ class EncodedBatch:
     weight: np.ndarray | None = None  # float32 [sum(lengths)]: per-message weight multipliers; None: all 1
     source: np.ndarray | None = None  # int16 [n]: source of each example in a mixture; None: one source
 
+    @property
+    def rows(self) -> int:
+        """Input rows this batch covers: kept (a row may give several examples) and dropped."""
+        return len(np.unique(self.example_index)) + len(self.dropped)
+
     def counts(self) -> CountsBatch:
         dropped: dict[str, int] = {}
         for *_, err in self.dropped:

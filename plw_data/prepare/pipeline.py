@@ -158,7 +158,7 @@ class Progress:
         return f"encoding: {self.rows:,} rows  {self.rows / dt:,.0f} rows/s  {self.tokens / dt:,.0f} tokens/s"
 
     def update(self, batch: EncodedBatch) -> None:
-        self.rows += len(batch.lengths) + len(batch.dropped)
+        self.rows += batch.rows
         self.tokens += int(batch.lengths.sum())
         if self._bar is not None:
             self._bar.update(self._task, description=self._line())
@@ -188,7 +188,7 @@ def _stage_inputs(
             raise PLWError(err.located(file, row_label(file, row)))
         stage.append(batch)
         dropped.extend(batch.dropped)
-        rows += len(batch.lengths) + len(batch.dropped)
+        rows += batch.rows
         truncated += batch.truncated
         progress.update(batch)
     return stage.close(), rows, truncated
@@ -200,6 +200,16 @@ def _eval_members(n: int, fraction: float, seed: int) -> np.ndarray:
     if fraction and n > 1:
         k = min(max(k, 1), n - 1)
     return np.sort(np.random.default_rng([seed, 1]).permutation(n)[:k])
+
+
+def _eval_members_by_row(example_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The eval subset (positions): whole input rows, so the several examples one row can give
+    (a reasoning conversation per trained turn) never straddle train and eval."""
+    rows, first = np.unique(example_index, return_index=True)
+    if len(rows) == len(example_index):  # one example per row: the plain seeded subset
+        return _eval_members(len(example_index), fraction, seed)
+    chosen = rows[_eval_members(len(rows), fraction, seed)]
+    return np.flatnonzero(np.isin(example_index, chosen))
 
 
 def _nothing_kept(n_rows: int, dropped: list) -> str:
@@ -327,7 +337,7 @@ def prepare(
             n_eval_rows = 0
             members = np.arange(len(train.lengths))
             if cfg.eval_fraction:
-                ev_members = _eval_members(len(members), cfg.eval_fraction, cfg.seed)
+                ev_members = _eval_members_by_row(train.example_index, cfg.eval_fraction, cfg.seed)
                 splits["train"] = (train, np.setdiff1d(members, ev_members))
                 splits["eval"] = (train, ev_members)
             else:
@@ -360,7 +370,9 @@ def prepare(
         for i, f, r, e in dropped
     )
     S.fsync_write(work / S.DROPPED, lines.encode())
-    kept = sum(e["examples"] for e in split_entries.values())
+    examples = sum(e["examples"] for e in split_entries.values())
+    kept = len(np.unique(np.concatenate([staged.example_index[m] for staged, m in splits.values()])))
+    repeated = {"repeated": examples - kept} if examples > kept else {}  # several examples of one row
     manifest = {
         **core,
         "inputs": [{**i, "rows": per_file.get(i["path"], 0)} for i in core["inputs"]],
@@ -369,6 +381,7 @@ def prepare(
             "kept": kept,
             "dropped": dict(sorted(reasons.items())),
             "truncated": truncated,
+            **repeated,
         },
         "splits": split_entries,
     }
