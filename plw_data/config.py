@@ -61,6 +61,8 @@ class DataConfig:
     num_shards: int = option(1, "Split the job over K machines (see plw-data merge)...", group="prepare")
     shard_index: int = option(0, "...this one prepares slice i of K.", group="prepare")
     trust_remote_code: bool = option(False, "Allow a tokenizer's own code (off by default).")
+    ray: str | None = option(None, "Run the --num-shards K slices as Ray tasks, then merge: local (a Ray instance on "
+                             "this machine), local:N (N CPUs) or a cluster ADDRESS (docs/ray.md).", group="prepare")
 
     def validate(self) -> None:
         _check_literal(self, "format", Format)
@@ -78,12 +80,16 @@ class DataConfig:
             raise ConfigError("--num-proc and --batch-size must be >= 1")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.ray is not None and (not self.ray or self.ray.startswith("-")):
+            raise ConfigError(f"--ray needs a value: local, local:N or a Ray cluster address; got {self.ray!r}")
+        if self.ray is not None and (self.num_shards < 2 or self.shard_index):
+            raise ConfigError("--ray runs all the slices: give --num-shards K (K >= 2) and no --shard-index")
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The options that change the prepared bytes: all but how the work is run (processes, batch
-        size) and what happens to a bad row (a run either records it as dropped or stops)."""
+        size, Ray) and what happens to a bad row (a run either records it as dropped or stops)."""
         d = dataclasses.asdict(self)
-        for volatile in ("num_proc", "batch_size", "on_error"):
+        for volatile in ("num_proc", "batch_size", "on_error", "ray"):
             d.pop(volatile)
         return d
 

@@ -27,7 +27,7 @@ def check_target(output: Path, *, overwrite: bool) -> None:
     """Refuse an output that exists, is not empty and is not a plw-data DIR (unless --overwrite)."""
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{output}: exists and is not a directory")
-    ours = (output / S.MANIFEST).exists() or (output / S.TMP_NAME).is_dir()
+    ours = (output / S.MANIFEST).exists() or (output / S.TMP_NAME).is_dir() or (output / S.SLICES_NAME).is_dir()
     if output.exists() and any(output.iterdir()) and not (overwrite or ours):
         raise ConfigError(f"{output}: exists, is not empty and is not a plw-data directory; use --overwrite")
 

@@ -174,7 +174,7 @@ def _plan(staged: StagedExamples, members: np.ndarray, cfg: DataConfig):
 
 def _manifest_core(inputs: list[str], cfg: DataConfig, tok_fp: dict[str, Any]) -> dict[str, Any]:
     """The manifest's identity keys: what the data were made from."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_proc"}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "ray")}
     return {
         "format_version": S.FORMAT_VERSION,
         "created_by": f"plw-data {__version__}",
@@ -186,12 +186,16 @@ def _manifest_core(inputs: list[str], cfg: DataConfig, tok_fp: dict[str, Any]) -
 
 def _same_data(old: dict[str, Any], core: dict[str, Any], cfg: DataConfig) -> bool:
     """Whether a finished DIR already holds what this run would write: same inputs, tokenizer and
-    every option that changes bytes (``DataConfig.fingerprint_dict``); batching and error policy do not."""
+    every option that changes bytes (``DataConfig.fingerprint_dict``); batching and error policy do not.
+    A --ray run writes what merging its K slices writes: a merged DIR whose ``merge.num_shards`` is K."""
     inputs = lambda m: [{"path": i.get("path"), "sha256": i.get("sha256")} for i in m.get("inputs", [])]
+    if ("merge" in old) != (cfg.ray is not None):
+        return False
     try:
-        old_cfg = DataConfig(**old["config"]).fingerprint_dict()
+        old_cfg = DataConfig(**{**old["config"], **({"num_shards": old["merge"]["num_shards"]} if "merge" in old else {})})
     except (KeyError, TypeError):
         return False
+    old_cfg = old_cfg.fingerprint_dict()
     return (old.get("format_version") == core["format_version"] and old.get("tokenizer") == core["tokenizer"]
             and inputs(old) == inputs(core) and old_cfg == cfg.fingerprint_dict())
 
@@ -222,6 +226,10 @@ def prepare(
             return old
         raise ConfigError(f"{output}: holds data prepared with another config, tokenizer or inputs; use --overwrite")
     out.check_target(output, overwrite=overwrite)
+    if cfg.ray is not None:
+        from .distributed import prepare_on_ray  # Ray is an optional extra: imported only here
+
+        return prepare_on_ray(inputs, cfg, output, overwrite=overwrite, log=log)
     work = out.begin(output)
 
     bar = Progress(progress)
