@@ -78,7 +78,7 @@ def _failure(ray: Any, i: int, e: Exception) -> PLWError:
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, PLWError):
         return type(e.cause)(f"slice {i}: {e.cause}")
     if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
-        return PLWError(f"slice {i}: its Ray worker died {MAX_RETRIES + 1} times ({type(e).__name__})")
+        return PLWError(f"slice {i}: its Ray worker died on every one of {MAX_RETRIES + 1} attempts ({type(e).__name__})")
     return PLWError(f"slice {i}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
