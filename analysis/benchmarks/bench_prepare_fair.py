@@ -13,6 +13,8 @@ reading the input and writing the output count wherever they happen:
   parent beforehand with ``apply_chat_template(tokenize=False)``, not timed) and calls
   ``tok(texts, add_special_tokens=False)`` once: the floor for anything that tokenizes every row,
   with nothing written.
+- ``prepare-np1-seq``, ``raw-seq``: the same two with TOKENIZERS_PARALLELISM=false (one tokenizer
+  thread, as every ``--num-proc`` worker runs): on a busy machine the Rust thread pool mostly waits.
 - ``trl np=1``: a process that imports TRL, loads the tokenizer, reads the input rows, converts them to
   TRL's conversational prompt/completion form and runs ``SFTTrainer._prepare_dataset`` (chat template,
   completion mask, BFD packing; in memory, nothing written). Only where TRL is installed.
@@ -24,8 +26,9 @@ reading the input and writing the output count wherever they happen:
 
 Inputs: Alpaca first5000 repeated R times (``--alpaca-repeat 6``: 30,000 rows) and the whole RACE train
 split (87,866 rows). TOKENIZERS_PARALLELISM is left unset (as a user has it) for every timed process but
-``stages``. One run of each method per case, methods in turn: on a shared machine, compare ratios
-measured in the same run, not absolute seconds across runs.
+``stages`` and the ``-seq`` variants. One run of each method per case, methods in turn: on a shared machine, compare ratios
+measured in the same run, not absolute seconds across runs; CPU-second ratios (``cpu_ratios``) are
+the steadier measure of work there.
 
     python analysis/benchmarks/bench_prepare_fair.py [--datasets alpaca race] [--tokenizers smollm2-135m-instruct llama-3-instruct]
         [--methods prepare-np1 raw prepare-np2 ray trl stages] [--json analysis/benchmarks/results/prepare_fair.json]
@@ -52,6 +55,8 @@ RACE = DATA / "race" / "train.jsonl.gz"
 ALPACA = DATA / "alpaca" / "alpaca_data_first5000.json"
 RECIPES = {"alpaca": "recipes/alpaca.yaml", "race": "recipes/race.yaml"}
 METHODS = ["prepare-np1", "raw", "prepare-np2", "ray", "trl", "stages"]
+#: the same with TOKENIZERS_PARALLELISM=false (one tokenizer thread), as `--num-proc 2` workers run
+SEQUENTIAL = ["prepare-np1-seq", "raw-seq"]
 STAGES = ["tokenizer load", "hash inputs", "read", "convert", "render", "tokenize", "masks", "stage", "pack", "write"]
 
 
@@ -183,13 +188,17 @@ def bench_case(dataset: str, path: Path, tokenizer: str, methods: list[str], tmp
     py = sys.executable
     prep = [py, "-m", "plw_data", "prepare", str(path), "--recipe", str(REPO / recipe), "-t", tok, "--quiet", "--overwrite"]
     texts = tmp / f"texts-{dataset}-{tokenizer}.json"
-    n_texts = rendered_texts(recipe, tok, path, texts) if "raw" in methods else None
+    n_texts = rendered_texts(recipe, tok, path, texts) if {"raw", "raw-seq"} & set(methods) else None
     me = [py, __file__, "--child"]
     results: dict[str, Any] = {}
     digests: dict[str, list[str]] = {}
     for method in methods:
         out = tmp / f"out-{method}"
-        if method.startswith("prepare-np"):
+        if method == "prepare-np1-seq":
+            r = run_child([*prep, "--output", str(out), "--num-proc", "1"], {**env, "TOKENIZERS_PARALLELISM": "false"})
+        elif method == "raw-seq":
+            r = run_child([*me, "raw", tok, str(texts)], {**env, "TOKENIZERS_PARALLELISM": "false"})
+        elif method.startswith("prepare-np"):
             r = run_child([*prep, "--output", str(out), "--num-proc", method.removeprefix("prepare-np")], env)
         elif method == "ray":
             r = run_child([*prep, "--output", str(out), "--num-shards", "2", "--ray", "local:2"], env)
@@ -201,22 +210,22 @@ def bench_case(dataset: str, path: Path, tokenizer: str, methods: list[str], tmp
             r = run_child([*me, "trl", tok, recipe, str(path)], env)
         else:
             r = run_child([*me, "stages", tok, recipe, str(path), str(out)], {**env, "TOKENIZERS_PARALLELISM": "false"})
-        if method.startswith("prepare") or method in ("ray", "stages"):
+        if method.startswith("prepare") or method in ("ray", "stages"):  # the prepared DIR
             r.update(prepared_counts(out))
             digests[method] = shard_digests(out)
         r["rows_per_s"] = round(r["rows"] / r["seconds"], 1)
         results[method] = r
         print(f"  {dataset}/{tokenizer} {method}: {r['seconds']:.1f}s wall, {r['cpu_seconds']:.1f}s CPU, {r['rows_per_s']:,.0f} rows/s",
               file=sys.stderr, flush=True)  # fmt: skip
-    speed = {m: 1 / r["seconds"] for m, r in results.items()}
-    ratios = {}
-    for a, b in [("prepare-np1", "raw"), ("prepare-np2", "raw"), ("prepare-np2", "prepare-np1"), ("ray", "prepare-np2"),
-                 ("ray", "prepare-np1"), ("prepare-np1", "trl")]:  # fmt: skip
-        if a in speed and b in speed:
-            ratios[f"{a} / {b}"] = round(speed[a] / speed[b], 3)
+    ratios, cpu_ratios = {}, {}
+    for a, b in [("prepare-np1", "raw"), ("prepare-np1-seq", "raw-seq"), ("prepare-np1-seq", "raw"), ("prepare-np2", "raw"),
+                 ("prepare-np2", "prepare-np1"), ("ray", "prepare-np2"), ("ray", "prepare-np1"), ("prepare-np1", "trl")]:  # fmt: skip
+        if a in results and b in results:  # speed = inverse time; CPU: the work each needed, inverse too
+            ratios[f"{a} / {b}"] = round(results[b]["seconds"] / results[a]["seconds"], 3)
+            cpu_ratios[f"{a} / {b}"] = round(results[b]["cpu_seconds"] / results[a]["cpu_seconds"], 3)
     same = {m: d == digests["prepare-np1"] for m, d in digests.items() if m != "ray"} if "prepare-np1" in digests else {}
     return {"dataset": dataset, "input": str(path), "tokenizer": tokenizer, "rendered_texts": n_texts, "methods": results,
-            "speed_ratios": ratios, "same_shards_as_np1": same}  # fmt: skip
+            "speed_ratios": ratios, "cpu_ratios": cpu_ratios, "same_shards_as_np1": same}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["alpaca", "race"], choices=list(RECIPES))
     ap.add_argument("--tokenizers", nargs="+", default=["smollm2-135m-instruct", "llama-3-instruct"])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + SEQUENTIAL)
     ap.add_argument("--alpaca-repeat", type=int, default=6, help="Alpaca first5000 repeated this many times")
     ap.add_argument("--race-rows", type=int, default=0, help="first N RACE train rows (0: all 87,866)")
     ap.add_argument("--json", type=Path)
