@@ -82,6 +82,9 @@ class DataConfig:
             raise ConfigError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.ray is not None and (not self.ray or self.ray.startswith("-")):
             raise ConfigError(f"--ray needs a value: local, local:N or a Ray cluster address; got {self.ray!r}")
+        cpus = self.ray[len("local:"):] if self.ray is not None and self.ray.startswith("local:") else "1"
+        if not (cpus.isdigit() and int(cpus) > 0):
+            raise ConfigError(f"--ray local:N needs a positive number of CPUs, got {self.ray!r}")
         if self.ray is not None and (self.num_shards < 2 or self.shard_index):
             raise ConfigError("--ray runs all the slices: give --num-shards K (K >= 2) and no --shard-index")
 

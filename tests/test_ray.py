@@ -116,4 +116,6 @@ def test_cli_ray(cluster, job) -> None:
 def test_ray_option_needs_a_value() -> None:
     with pytest.raises(ConfigError, match="--ray needs a value"):
         cfg(ray="--num-shards")
+    with pytest.raises(ConfigError, match="positive number of CPUs"):
+        cfg(ray="local:x")
     assert cfg(ray="local").fingerprint_dict() == cfg().fingerprint_dict()

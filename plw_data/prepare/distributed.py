@@ -63,10 +63,8 @@ def _connect(ray: Any, where: str) -> bool:
     (``local``, ``local:N`` CPUs, or a cluster address); True when this call started the connection."""
     if ray.is_initialized():
         return False
-    if where == "local" or where.startswith("local:"):
+    if where == "local" or where.startswith("local:"):  # N checked by DataConfig.validate
         n = where.partition(":")[2]
-        if n and not (n.isdigit() and int(n) > 0):
-            raise ConfigError(f"--ray local:N needs a positive number of CPUs, got {where!r}")
         ray.init(num_cpus=int(n) if n else None, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=where, log_to_driver=False)
