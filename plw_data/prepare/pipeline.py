@@ -192,10 +192,10 @@ def _same_data(old: dict[str, Any], core: dict[str, Any], cfg: DataConfig) -> bo
     if ("merge" in old) != (cfg.ray is not None):
         return False
     try:
-        old_cfg = DataConfig(**{**old["config"], **({"num_shards": old["merge"]["num_shards"]} if "merge" in old else {})})
+        sliced = {"num_shards": old["merge"]["num_shards"]} if "merge" in old else {}
+        old_cfg = DataConfig(**{**old["config"], **sliced}).fingerprint_dict()
     except (KeyError, TypeError):
         return False
-    old_cfg = old_cfg.fingerprint_dict()
     return (old.get("format_version") == core["format_version"] and old.get("tokenizer") == core["tokenizer"]
             and inputs(old) == inputs(core) and old_cfg == cfg.fingerprint_dict())
 
