@@ -81,6 +81,8 @@ class DataConfig:
         "per-turn", "Templates that drop earlier turns' reasoning: one example per trained turn (per-turn) | last."
     )
     tools: str | None = option(None, "JSON file with one tool list (JSON schemas) for every row without its own.")
+    ray: str | None = option(None, "Run the --num-shards K slices as Ray tasks, then merge: local (a Ray instance on "
+                             "this machine), local:N (N CPUs) or a cluster ADDRESS (docs/ray.md).", group="prepare")
 
     def field_chars_limit(self) -> int:
         """The row-size bound: memory stays bounded by the batch, not by the largest row."""
@@ -115,12 +117,19 @@ class DataConfig:
             raise ConfigError(f"--max-field-chars must be >= 0, got {self.max_field_chars}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.ray is not None and (not self.ray or self.ray.startswith("-")):
+            raise ConfigError(f"--ray needs a value: local, local:N or a Ray cluster address; got {self.ray!r}")
+        cpus = self.ray[len("local:"):] if self.ray is not None and self.ray.startswith("local:") else "1"
+        if not (cpus.isdigit() and int(cpus) > 0):
+            raise ConfigError(f"--ray local:N needs a positive number of CPUs, got {self.ray!r}")
+        if self.ray is not None and (self.num_shards < 2 or self.shard_index):
+            raise ConfigError("--ray runs all the slices: give --num-shards K (K >= 2) and no --shard-index")
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The options that change the prepared bytes: all but how the work is run (processes, batch
-        size) and what happens to a bad row (a run either records it as dropped or stops)."""
+        size, Ray) and what happens to a bad row (a run either records it as dropped or stops)."""
         d = dataclasses.asdict(self)
-        for volatile in ("num_proc", "batch_size", "on_error"):
+        for volatile in ("num_proc", "batch_size", "on_error", "ray"):
             d.pop(volatile)
         return d
 

@@ -85,6 +85,7 @@ MANIFEST = "manifest.json"
 DROPPED = "dropped.jsonl"
 RUN = "run.json"
 TMP_NAME = ".plw-tmp"  # a DIR holding it is a prepare/merge that did not finish
+SLICES_NAME = ".plw-slices"  # the slices of a prepare --ray run, before they are merged (docs/ray.md)
 STATE = "state.json"
 DATASET_INFO = "dataset_info.json"
 

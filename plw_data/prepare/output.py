@@ -27,7 +27,7 @@ def is_interrupted(output: Path) -> bool:
 def is_ours(output: Path) -> bool:
     """Whether ``output`` was written by `prepare`/`merge`: it holds our staging folder, or a manifest
     with a format_version whose created_by names plw-data. Only such a DIR may be replaced."""
-    if (output / S.TMP_NAME).is_dir():
+    if (output / S.TMP_NAME).is_dir() or (output / S.SLICES_NAME).is_dir():
         return True
     try:
         m = json.loads((output / S.MANIFEST).read_text(encoding="utf-8"))

@@ -230,7 +230,7 @@ def _plan(staged: StagedExamples, members: np.ndarray, cfg: DataConfig):
 
 def _manifest_core(inputs: list[str], cfg: DataConfig, tok_fp: dict[str, Any]) -> dict[str, Any]:
     """The manifest's identity keys: what the data were made from."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_proc"}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "ray")}
     return {
         "format_version": S.FORMAT_VERSION,
         "created_by": f"plw-data {__version__}",
@@ -242,10 +242,14 @@ def _manifest_core(inputs: list[str], cfg: DataConfig, tok_fp: dict[str, Any]) -
 
 def _same_data(old: dict[str, Any], core: dict[str, Any], cfg: DataConfig) -> bool:
     """Whether a finished DIR already holds what this run would write: same inputs, tokenizer and
-    every option that changes bytes (``DataConfig.fingerprint_dict``); batching and error policy do not."""
+    every option that changes bytes (``DataConfig.fingerprint_dict``); batching and error policy do not.
+    A --ray run writes what merging its K slices writes: a merged DIR whose ``merge.num_shards`` is K."""
     inputs = lambda m: [{"path": i.get("path"), "sha256": i.get("sha256")} for i in m.get("inputs", [])]
+    if ("merge" in old) != (cfg.ray is not None):
+        return False
     try:
-        old_cfg = DataConfig(**old["config"]).fingerprint_dict()
+        sliced = {"num_shards": old["merge"]["num_shards"]} if "merge" in old else {}
+        old_cfg = DataConfig(**{**old["config"], **sliced}).fingerprint_dict()
     except (KeyError, TypeError):
         return False
     return (old.get("format_version") == core["format_version"] and old.get("tokenizer") == core["tokenizer"]
@@ -316,6 +320,10 @@ def prepare(
             log(f"{output}: already prepared with this config, tokenizer and inputs; nothing to do")
             return old
         raise ConfigError(f"{output}: holds data prepared with another config, tokenizer or inputs; use --overwrite")
+    if cfg.ray is not None:
+        from .distributed import prepare_on_ray  # Ray is an optional extra: imported only here
+
+        return prepare_on_ray(inputs, cfg, output, overwrite=overwrite, log=log)
     fresh = not output.exists()
     work = out.begin(output)
 
