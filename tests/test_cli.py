@@ -62,7 +62,7 @@ def test_prepare_help_names_the_argument_and_shows_only_real_defaults():
     result = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
     assert "INPUTS" in result.output and "{inputs}" not in result.output
-    (line,) = [line for line in result.output.splitlines() if "--chat-template" in line]
+    (line,) = [line for line in result.output.splitlines() if "--chat-template" in line and "--chat-template-file" not in line]
     assert "default: off" not in line and "default: on" not in line  # None: when the tokenizer has one
     (line,) = [line for line in result.output.splitlines() if "--pack " in line]
     assert "[default: on]" in line

@@ -55,7 +55,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str,
     parts = slice_dirs(out, K)
     for i, part in enumerate(parts):
         prepare([str(src)], cfg(shard_index=i), part, progress=False)
-    merge(parts, out, overwrite=True)
+    merge(parts, out, overwrite=True, per_slice_eval=True)  # the slices draw their eval splits
     shutil.rmtree(parts[0].parent)
     expected = snapshot(out)
     shutil.rmtree(out)

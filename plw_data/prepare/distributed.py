@@ -128,7 +128,10 @@ def prepare_on_ray(inputs: list[str], cfg: DataConfig, output: Path, *, overwrit
     finally:
         if started:
             ray.shutdown()
-    manifest = merge(parts, output, overwrite=True)  # the parts are ours; the output was checked by the caller
+    if cfg.eval_fraction:
+        log("ray: each slice drew its own eval split (--eval-fraction), as merge --per-slice-eval records")
+    # The parts are ours; the output was checked by the caller.
+    manifest = merge(parts, output, overwrite=True, per_slice_eval=bool(cfg.eval_fraction))
     shutil.rmtree(output / S.SLICES_NAME)  # the merged shards are hard links (or copies) of the slices'
     seconds = time.perf_counter() - t0
     rows = manifest["counts"]["input_rows"]
