@@ -92,7 +92,7 @@ def child_trl(tokenizer: str, recipe: str, path: str) -> dict[str, Any]:
 def child_stages(tokenizer: str, recipe: str, path: str, out: str) -> dict[str, Any]:
     """One instrumented prepare: thread CPU seconds spent in each stage function."""
     from plw_data.config import DataConfig, build_config, load_recipe
-    from plw_data.prepare import encode, pipeline, shards
+    from plw_data.prepare import encode, encoding, pipeline, shards
 
     acc: dict[str, float] = defaultdict(float)
 
@@ -120,10 +120,10 @@ def child_stages(tokenizer: str, recipe: str, path: str, out: str) -> dict[str, 
             acc["read"] += time.thread_time() - t
             yield row
 
-    read = pipeline.iter_rows
-    pipeline.iter_rows = timed_rows
+    read = encoding.iter_rows
+    encoding.iter_rows = timed_rows
     for owner, name, stage in [
-        (pipeline, "load_tokenizer", "tokenizer load"), (pipeline, "file_sha256", "hash inputs"), (pipeline, "convert", "convert"),
+        (pipeline, "load_tokenizer", "tokenizer load"), (pipeline, "file_sha256", "hash inputs"), (encoding, "convert", "convert"),
         (encode.Encoder, "render", "render"), (encode.Encoder, "tokenize", "tokenize"), (encode.Encoder, "finish", "masks"),
         (shards.Stage, "append", "stage"), (shards.Stage, "close", "stage"), (pipeline, "plan_packing", "pack"),
         (pipeline, "write_split", "write"),

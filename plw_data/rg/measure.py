@@ -94,7 +94,7 @@ def _raw_token_counts(spec: DatasetSpec, cfg: Any, tok: Any, limit: int | None) 
 
     import numpy as np
 
-    from ..prepare.pipeline import encoded_batches
+    from ..prepare.encoding import encoded_batches
 
     for batch in encoded_batches([spec.path], cfg, tok):
         dropped = [d for d in batch.dropped if limit is None or d[0] < limit]
