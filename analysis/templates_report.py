@@ -82,7 +82,7 @@ def measure(tmp: Path) -> dict[str, dict]:
 
 def _inexact(encoder, items: list, batch) -> int:
     try:
-        from plw_data.prepare.encode import fixed_clock
+        from plw_data.prepare.skeleton import fixed_clock
     except ImportError:  # older code: no fixed clock
         fixed_clock = None
     """Kept rows (one example each) whose ids differ from apply_chat_template(messages, tools=...)."""

@@ -14,7 +14,8 @@ from conftest import load_tokenizer, require_shared, tokenizer_dir
 
 from plw_data.config import DataConfig
 from plw_data.errors import ConfigError, RowError
-from plw_data.prepare.encode import Encoder, fixed_clock
+from plw_data.prepare.encode import Encoder
+from plw_data.prepare.skeleton import fixed_clock
 from plw_data.prepare.formats import to_conversation
 from plw_data.prepare.pipeline import prepare
 from plw_data.schema import COMPLETION, PROMPT, REASONING, TEMPLATE

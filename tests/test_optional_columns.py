@@ -16,7 +16,7 @@ from conftest import load_tokenizer, require_shared
 from plw_data import schema as S
 from plw_data.batch.collate import PLWCollator
 from plw_data.errors import PLWError
-from plw_data.prepare.encode import EncodedBatch
+from plw_data.prepare.encoded import EncodedBatch
 from plw_data.prepare.pack import plan_packing
 from plw_data.prepare.shards import Stage, write_split
 from plw_data.prepare.verify import check_split

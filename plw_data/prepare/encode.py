@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,272 +23,13 @@ from ..config import DataConfig
 from ..errors import ConfigError, RowError
 from ..schema import COMPLETION, PROMPT, REASONING, TEMPLATE
 from ..tokenizer import special_ids, with_chat_template
-from .formats import RESERVED, Conversation, load_tools_file, reasoning_of
+from .encoded import EncodedBatch, truncate
+from .formats import Conversation, load_tools_file, reasoning_of
 from .limits import render_chat_template
+from .skeleton import Skeleton, fixed_clock, token_range
 
 PLAIN_SEPARATOR = "\n"  # between turns when no chat template is used (a template token)
-_PLACEHOLDER = re.compile(f"{RESERVED[0]}(\\d+){RESERVED[1]}")
-
-
-@dataclass
-class CountsBatch:
-    """Per-example token counts by category: what rg-stats needs, from raw inputs or shards alike."""
-
-    example_index: np.ndarray  # int64 [n]
-    template: np.ndarray  # int64 [n]
-    prompt: np.ndarray  # int64 [n]
-    completion: np.ndarray  # int64 [n]
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class EncodedBatch:
-    """Encoded examples of one chunk, flat: lengths split input_ids/category per example."""
-
-    example_index: np.ndarray  # int64 [n]
-    lengths: np.ndarray  # int64 [n]
-    input_ids: np.ndarray  # int32 [sum(lengths)]
-    category: np.ndarray  # uint8 [sum(lengths)]: TEMPLATE, PROMPT, COMPLETION or REASONING (schema codes)
-    truncated: int = 0
-    dropped: list[tuple[int, str, int, RowError]] = field(default_factory=list)  # (index, file, row, error)
-    weight: np.ndarray | None = None  # float32 [sum(lengths)]: per-message weight multipliers; None: all 1
-    source: np.ndarray | None = None  # int16 [n]: source of each example in a mixture; None: one source
-
-    @property
-    def rows(self) -> int:
-        """Input rows this batch covers: kept (a row may give several examples) and dropped."""
-        return len(np.unique(self.example_index)) + len(self.dropped)
-
-    def counts(self) -> CountsBatch:
-        dropped: dict[str, int] = {}
-        for *_, err in self.dropped:
-            dropped[err.reason] = dropped.get(err.reason, 0) + 1
-        if not len(self.lengths):
-            empty = np.zeros(0, np.int64)
-            return CountsBatch(self.example_index, empty, empty, empty, dropped)
-        starts = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
-        cats = np.where(self.category == REASONING, COMPLETION, self.category)  # reasoning is completion
-        per = [np.add.reduceat((cats == c).astype(np.int64), starts) for c in (TEMPLATE, PROMPT, COMPLETION)]
-        return CountsBatch(self.example_index, *per, dropped)
-
-    @staticmethod
-    def from_examples(
-        kept: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
-        dropped: list[tuple[int, str, int, RowError]],
-        truncated: int,
-    ) -> EncodedBatch:
-        """kept: (index, ids, categories, per-token weights or None when all 1)."""
-        if not kept:
-            return EncodedBatch(
-                np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint8), truncated, dropped
-            )
-        return EncodedBatch(
-            np.fromiter((k[0] for k in kept), np.int64, len(kept)),
-            np.fromiter((len(k[1]) for k in kept), np.int64, len(kept)),
-            np.concatenate([k[1] for k in kept]),
-            np.concatenate([k[2] for k in kept]),
-            truncated,
-            dropped,
-            weight=None if all(k[3] is None for k in kept) else np.concatenate(
-                [k[3] if k[3] is not None else np.ones(len(k[1]), np.float32) for k in kept]
-            ),
-        )
-
-
-def truncate(
-    ids: np.ndarray, cats: np.ndarray, max_length: int, policy: str, weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Fit an example into max_length by removing prompt tokens only; the completion is kept whole."""
-    excess = len(ids) - max_length
-    if excess <= 0:
-        return ids, cats, weights
-    if policy == "drop":
-        raise RowError("too_long", f"{len(ids)} tokens > max_length {max_length}")
-    prompt_pos = np.flatnonzero(cats == PROMPT)
-    if len(prompt_pos) < excess:
-        raise RowError(
-            "completion_too_long",
-            f"{len(ids)} tokens; without any prompt still {len(ids) - len(prompt_pos)} > max_length {max_length}",
-        )
-    cut = prompt_pos[:excess] if policy == "left" else prompt_pos[len(prompt_pos) - excess :]
-    keep = np.ones(len(ids), bool)
-    keep[cut] = False
-    return ids[keep], cats[keep], None if weights is None else weights[keep]
-
-
-_PAD = " \n"  # probe padding: shows whether a template keeps a content's outer whitespace
-_REWRITE_TRIES = 8  # occurrences of the following text tried when a template rewrote a content
 _SKELETON_CACHE = 4096  # role patterns (x tool lists) kept
-
-
-def _placeholder(i: int) -> str:
-    return f"{RESERVED[0]}{i}{RESERVED[1]}"
-
-
-@contextmanager
-def fixed_clock(day: _dt.date) -> Iterator[None]:
-    """Pin the clock that chat templates read through transformers' ``strftime_now`` to midnight of
-    ``day``, so that a template printing today's date renders the same bytes on any day."""
-    from transformers.utils import chat_template_utils as ctu
-
-    class _Fixed(_dt.datetime):
-        @classmethod
-        def now(cls, tz: Any = None) -> _dt.datetime:  # the run's date, whatever the zone
-            return _dt.datetime(day.year, day.month, day.day)
-
-    saved = ctu.datetime
-    ctu.datetime = _Fixed
-    try:
-        yield
-    finally:
-        ctu.datetime = saved
-
-
-class _Skeleton:
-    """A template rendered with placeholder contents: the fixed text between message contents.
-
-    Messages whose content is not a string, is empty, or is listed in ``keep`` render as they are:
-    their text is part of the fixed pieces. A second rendering with whitespace-padded placeholders
-    tells, per message, whether the template keeps the content's outer whitespace, so a whitespace-only
-    separator next to a content is never ambiguous."""
-
-    def __init__(self, render: Any, messages: list[dict[str, Any]], keep: frozenset[int] = frozenset()):
-        def with_placeholders(pad: str) -> list[dict[str, Any]]:
-            return [
-                m if i in keep or not isinstance(m.get("content"), str) or not m["content"]
-                else {**m, "content": f"{pad}{_placeholder(i)}{pad}"}
-                for i, m in enumerate(messages)
-            ]
-
-        text = render(with_placeholders(""))
-        parts = _PLACEHOLDER.split(text)
-        self.pieces: list[str] = parts[0::2]
-        self.order: list[int] = [int(i) for i in parts[1::2]]
-        self.roles = [m["role"] for m in messages]
-        if len(set(self.order)) != len(self.order) or self.order != sorted(self.order):
-            raise ConfigError(f"chat template renders messages out of order or twice (roles {self.roles}); masks would be ambiguous")
-        self.missing = [  # contents the template leaves out: nothing of them would be trained or seen
-            i for i, m in enumerate(messages)
-            if i not in keep and isinstance(m.get("content"), str) and m["content"] and i not in self.order
-        ]
-        padded = render(with_placeholders(_PAD))
-        self.strip: dict[int, tuple[bool, bool]] = {}  # message -> (strips leading, strips trailing) whitespace
-        for i in self.order:
-            at = padded.find(_placeholder(i))
-            lead = padded[max(at - len(_PAD), 0) : at] == _PAD
-            trail = padded.startswith(_PAD, at + len(_placeholder(i)))
-            self.strip[i] = (not lead, not trail)
-
-    def _candidates(self, msg: int, content: str) -> Iterator[str]:
-        """The content as the template shows it (the probe's prediction) first, then the other
-        whitespace variants; lazily, as contents can be long."""
-        lead, trail = self.strip[msg]
-        first = content.lstrip() if lead else content
-        first = first.rstrip() if trail else first
-        yield first
-        seen = {len(first)}
-        for variant in (str.rstrip, str.lstrip, str.strip, str):
-            cand = variant(content)
-            if len(cand) not in seen:  # variants of one content differ only in length
-                seen.add(len(cand))
-                yield cand
-
-    def _greedy(self, text: str, contents: list[str]) -> list[tuple[int, int, int]] | None:
-        """The common case, fast: each content's first fitting variant, no backtracking, no rewrites."""
-        pos, out, n = len(self.pieces[0]), [], len(self.order)
-        for k, msg in enumerate(self.order):
-            after = self.pieces[k + 1]
-            for cand in self._candidates(msg, contents[msg]):
-                end = pos + len(cand)
-                if text.startswith(cand, pos) and text.startswith(after, end) and (k < n - 1 or end + len(after) == len(text)):
-                    out.append((msg, pos, end))
-                    pos = end + len(after)
-                    break
-            else:
-                return None
-        return out
-
-    def spans(self, text: str, contents: list[str]) -> list[tuple[int, int, int]]:
-        """(message index, start, end) character spans of each rendered content within text.
-
-        Depth-first over each content's whitespace variants, backtracking when a later piece does
-        not follow; a content that the template rewrote (no variant fits) takes the text up to the
-        next fixed piece. Raises a RowError naming the message that cannot be placed."""
-        if self.missing:
-            i = self.missing[0]
-            raise RowError("message_not_rendered", f"message {i} ({self.roles[i]}): the chat template leaves its content out")
-        if not text.startswith(self.pieces[0]):
-            raise RowError("template_mismatch", f"the rendering starts with {text[:40]!r}, the template's skeleton with {self.pieces[0][:40]!r}")
-        greedy = self._greedy(text, contents)
-        if greedy is not None:
-            return greedy
-        failed: set[tuple[int, int]] = set()
-        deepest = [0, len(self.pieces[0])]
-
-        def ends(k: int, pos: int) -> Iterator[int]:
-            msg, after, last = self.order[k], self.pieces[k + 1], k == len(self.order) - 1
-            fits = lambda end: text.startswith(after, end) and (not last or end + len(after) == len(text))
-            for cand in self._candidates(msg, contents[msg]):
-                if text.startswith(cand, pos) and fits(pos + len(cand)):
-                    yield pos + len(cand)
-            if last:
-                if text.endswith(after) and len(text) - len(after) >= pos:
-                    yield len(text) - len(after)
-            elif after:
-                at = text.find(after, pos)
-                for _ in range(_REWRITE_TRIES):
-                    if at < 0:
-                        break
-                    yield at
-                    at = text.find(after, at + 1)
-
-        def walk(k: int, pos: int) -> list[tuple[int, int, int]] | None:
-            if k == len(self.order):
-                return [] if pos == len(text) else None
-            if (k, pos) in failed:
-                return None
-            if k > deepest[0]:
-                deepest[:] = [k, pos]
-            tried = set()
-            for end in ends(k, pos):  # lazily: the fallbacks are searched only when the variants fail
-                if end in tried:
-                    continue
-                tried.add(end)
-                rest = walk(k + 1, end + len(self.pieces[k + 1]))
-                if rest is not None:
-                    return [(self.order[k], pos, end), *rest]
-            failed.add((k, pos))
-            return None
-
-        try:
-            found = walk(0, len(self.pieces[0]))
-        except RecursionError:
-            raise RowError("too_many_turns", f"{len(self.order)} messages") from None
-        if found is None:
-            k, pos = deepest
-            k = min(k, len(self.order) - 1)
-            msg = self.order[k]
-            raise RowError(
-                "template_mismatch",
-                f"message {msg} ({self.roles[msg]}): the template altered it: the rendering has {text[pos : pos + 60]!r} "
-                f"where the content {contents[msg][:40]!r} then {self.pieces[k + 1][:30]!r} should be",
-            )
-        return found
-
-
-def _token_range(enc: Any, start: int, end: int) -> tuple[int, int] | None:
-    """[first, last] tokens overlapping chars [start, end); None when none (content normalised away)."""
-    first = next((t for c in range(start, end) if (t := enc.char_to_token(c)) is not None), None)
-    if first is None:
-        return None
-    last = next(t for c in range(end - 1, start - 1, -1) if (t := enc.char_to_token(c)) is not None)
-    # Several tokens can share one char (byte fallback): widen to all that overlap.
-    while first > 0 and enc.token_to_chars(first - 1)[1] > start:
-        first -= 1
-    n = len(enc)
-    while last + 1 < n and enc.token_to_chars(last + 1)[0] < end:
-        last += 1
-    return first, last
 
 
 @dataclass
@@ -331,7 +69,7 @@ class Encoder:
         special = np.array(sorted(special_ids(tok)), np.int64)
         self.is_special = np.zeros(max(len(tok), int(special.max(initial=0)) + 1), bool)  # id -> bool lookup
         self.is_special[special] = True
-        self._skeletons: dict[tuple, _Skeleton] = {}
+        self._skeletons: dict[tuple, Skeleton] = {}
         if cfg.tools:
             load_tools_file(cfg.tools)  # a bad --tools file fails here, before any row
         if self.chat:
@@ -394,14 +132,14 @@ class Encoder:
     def _apply(self, messages: list[dict[str, Any]], tools: Any = None, generation: bool = False) -> str:
         return render_chat_template(self.tok, messages, self.cfg, tools=tools, add_generation_prompt=generation)
 
-    def _skeleton(self, conv: Conversation) -> _Skeleton:
+    def _skeleton(self, conv: Conversation) -> Skeleton:
         # Empty contents render as they are; a tool list is part of the fixed text.
         tools = None if conv.tools is None else json.dumps(conv.tools, sort_keys=True)
         key = (tools, *((m["role"], not m["content"]) for m in conv.messages))
         if key not in self._skeletons:
             if len(self._skeletons) > _SKELETON_CACHE:  # rows with tools of their own: bounded
                 self._skeletons.clear()
-            self._skeletons[key] = _Skeleton(lambda ms: self._apply(ms, conv.tools), list(conv.messages))
+            self._skeletons[key] = Skeleton(lambda ms: self._apply(ms, conv.tools), list(conv.messages))
         return self._skeletons[key]
 
     def _render(self, conv: Conversation) -> list[_Layout]:
@@ -428,7 +166,7 @@ class Encoder:
             return None
         text = self._apply(msgs, conv.tools)
         try:
-            spans = _Skeleton(lambda ms: self._apply(ms, conv.tools), msgs).spans(text, [m["content"] for m in msgs])
+            spans = Skeleton(lambda ms: self._apply(ms, conv.tools), msgs).spans(text, [m["content"] for m in msgs])
         except RowError:
             return None
         reasoning = []
@@ -526,7 +264,7 @@ class Encoder:
         a context turn's tool calls are scaffolding. A content the template rewrote (an earlier turn's
         reasoning dropped) is the text the template put in its place."""
         msgs = list(conv.messages[:upto])
-        skeleton = _Skeleton(lambda ms: self._apply(ms, tools, generation), msgs, frozenset(trained))
+        skeleton = Skeleton(lambda ms: self._apply(ms, tools, generation), msgs, frozenset(trained))
         head = self._apply(msgs, tools, generation)
         if not text.startswith(head):
             raise RowError("template_mismatch", "the rendering of the earlier messages is not a prefix of the example")
@@ -543,7 +281,7 @@ class Encoder:
         ids = np.asarray(enc.ids, dtype=np.int32)
         cats = np.zeros(len(ids), np.uint8)
         weights = None if conv.weights is None else np.ones(len(ids), np.float32)
-        ranges = [(msg, _token_range(enc, a, b)) for msg, a, b in layout.spans if b > a]
+        ranges = [(msg, token_range(enc, a, b)) for msg, a, b in layout.spans if b > a]
         ranges = [(msg, r) for msg, r in ranges if r is not None]
         in_turns = {t[0] for t in layout.turns or ()}
         for k, (msg, (first, last)) in enumerate(ranges):
@@ -563,7 +301,7 @@ class Encoder:
             if weights is not None:
                 weights[first:end] = conv.weights[msg]
         for msg, a, b, reasoning in layout.turns or ():
-            span = _token_range(enc, a, b)
+            span = token_range(enc, a, b)
             if span is None:
                 continue
             first, last = span
@@ -571,10 +309,10 @@ class Encoder:
             if len(special):  # the closing token ends the turn; what follows it is scaffolding
                 last = first + int(special[-1]) - (self.cfg.end_of_turn == "none")
             cats[first : last + 1] = COMPLETION
-            if reasoning is not None and (r := _token_range(enc, *reasoning)) is not None:
+            if reasoning is not None and (r := token_range(enc, *reasoning)) is not None:
                 cats[r[0] : r[1] + 1] = REASONING
         for a, b in layout.reasoning:
-            if (r := _token_range(enc, a, b)) is not None:
+            if (r := token_range(enc, a, b)) is not None:
                 cats[r[0] : r[1] + 1] = np.where(cats[r[0] : r[1] + 1] == COMPLETION, REASONING, cats[r[0] : r[1] + 1])
             if weights is not None:
                 weights[first : last + 1] = conv.weights[msg]

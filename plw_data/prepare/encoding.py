@@ -19,7 +19,8 @@ from typing import Any
 from ..config import DataConfig
 from ..errors import PLWError
 from ..tokenizer import load_tokenizer
-from .encode import EncodedBatch, Encoder
+from .encode import Encoder
+from .encoded import EncodedBatch
 from .formats import convert
 from .sources import RawRow, iter_rows
 

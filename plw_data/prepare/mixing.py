@@ -21,7 +21,8 @@ from ..config import DataConfig
 from ..errors import ConfigError, PLWError, RowError
 from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 from . import output as out
-from .encode import EncodedBatch, Encoder
+from .encode import Encoder
+from .encoded import EncodedBatch
 from .encoding import encoded_batches
 from .mixture import eval_members, load_mixture, plan_mixture, rg
 from .pipeline import Progress, already_prepared, manifest_core, plan_split, run_info, write_dropped

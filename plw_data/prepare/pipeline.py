@@ -25,7 +25,8 @@ from ..config import DataConfig
 from ..errors import ConfigError, PLWError
 from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 from . import output as out
-from .encode import EncodedBatch, Encoder
+from .encode import Encoder
+from .encoded import EncodedBatch
 from .encoding import encoded_batches
 from .pack import plan_packing, plan_unpacked
 from .shards import Stage, StagedExamples, write_split

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .. import schema as S
 from ..schema import COMPLETION, PROMPT, REASONING, TEMPLATE
-from .encode import CountsBatch, EncodedBatch
+from .encoded import CountsBatch, EncodedBatch
 from .pack import PackPlan
 
 ROWS_PER_BATCH = 256  # rows per Arrow record batch; also bounds the staging pages one gather maps
