@@ -1,4 +1,4 @@
-"""Peak memory of `plw-data prepare` on an input holding one 50 MB row (docs/guarantees-hostile.md).
+"""Peak memory of `plw-data prepare` on an input holding one 50 MB row (docs/guarantees.md).
 
 The big row is dropped as ``row_too_large`` before rendering or tokenizing (the default limit is
 64 x --max-length characters per field), so peak memory is that of reading it once, not the ~250

@@ -4,7 +4,7 @@ A chat template is code (Jinja) shipped with a tokenizer: a loop nest or a ``'x'
 would hang or exhaust memory on one row. :func:`render_chat_template` renders one conversation under
 a wall-clock limit (a SIGALRM timer; only in the main thread, where `prepare` and `rg-stats` render)
 and an output-size limit (checked while Jinja produces the text, and on ``*``/``**`` before the
-operation runs); beyond either the row is dropped as ``template_error`` (docs/guarantees-hostile.md).
+operation runs); beyond either the row is dropped as ``template_error`` (docs/guarantees.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every row gets a global 0-based index over all inputs in order. A row that canno
 too deep) still gets its index, as a RowError, so the manifest's counts add up. A file that cannot be
 read on (truncated gzip, not parquet/arrow, an unterminated CSV quote) is one ConfigError naming it.
 
-Rows in messages (docs/guarantees-hostile.md): "line N" (1-based, as an editor counts) in line files
+Rows in messages (docs/guarantees.md): "line N" (1-based, as an editor counts) in line files
 (.jsonl, .jsonl.gz, .csv, JSON-lines .json); "row N" (0-based) in the others. dropped.jsonl's "row"
 is always the 0-based row within the file.
 """

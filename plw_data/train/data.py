@@ -13,7 +13,7 @@ from ..errors import ConfigError, PLWError
 from .config import TrainConfig
 
 def verify_data(cfg: TrainConfig) -> None:
-    """Refuse data `plw-data verify` would refuse (docs/guarantees-hostile.md): the DIR behind --data
+    """Refuse data `plw-data verify` would refuse (docs/guarantees.md): the DIR behind --data
     and behind --eval-data, cheaply (no row pass; sha256 unless --no-verify-data). A tampered shard,
     a missing manifest or a DIR killed mid-install stops the run before any training."""
     from ..prepare.verify import verify_quick
