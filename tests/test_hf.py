@@ -263,6 +263,40 @@ def test_private_hooks_are_pinned_to_the_tested_versions():
     assert trl.__version__ == TESTED_VERSIONS["trl"], "re-run tests/test_hf.py, then move the pin"
 
 
+# --------------------------------------------------------------------------- load_from_disk(DIR)
+
+
+def test_load_from_disk_dir_is_a_datasetdict_after_prepare_and_merge(tmp_path):
+    """prepare and merge write DIR/dataset_dict.json; the shards are untouched (verify passes)."""
+    import gzip
+
+    import datasets
+
+    from conftest import REPO, require_shared, tokenizer_dir
+    from plw_data.config import DataConfig, build_config, load_recipe
+    from plw_data.prepare.merge import merge
+    from plw_data.prepare.pipeline import prepare
+    from plw_data.prepare.verify import verify
+
+    with gzip.open(require_shared("race/dev.jsonl.gz"), "rt") as f:
+        src = tmp_path / "race.jsonl"
+        src.write_text("".join(next(f) for _ in range(30)))
+    over = {"tokenizer": str(tokenizer_dir(SMOL)), "eval_fraction": 0.2, "max_length": 1024}
+    parts = []
+    for i in range(2):
+        cfg = build_config(DataConfig, load_recipe(REPO / "recipes" / "race.yaml"), {**over, "num_shards": 2, "shard_index": i})
+        parts.append(tmp_path / f"part{i}")
+        prepare([str(src)], cfg, parts[-1], progress=False)
+    merge(parts, tmp_path / "merged")
+    for d in (*parts, tmp_path / "merged"):
+        verify(d)
+        dd = datasets.load_from_disk(str(d))
+        assert isinstance(dd, datasets.DatasetDict) and list(dd) == ["train", "eval"]
+        for split in dd:
+            assert dd[split].data.table.equals(datasets.load_from_disk(str(d / split)).data.table)
+        assert json.loads((d / "dataset_dict.json").read_text()) == {"splits": ["train", "eval"]}
+
+
 # --------------------------------------------------------------------------- two ranks
 
 
