@@ -297,6 +297,82 @@ def test_load_from_disk_dir_is_a_datasetdict_after_prepare_and_merge(tmp_path):
         assert json.loads((d / "dataset_dict.json").read_text()) == {"splits": ["train", "eval"]}
 
 
+# --------------------------------------------------------------------------- export
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_merge_adapter_writes_a_full_model_equal_to_base_plus_adapter(tmp_path, tiny_model, data_dir):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    run_train(tiny_model, data_dir, out, max_steps=2, micro_batch_size=2, learning_rate=1e-2, merge_adapter=True)
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "best"), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out / "merged"))
+    ids = tok("Question: which letter?", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(_logits(merged, ids), _logits(adapter, ids), atol=1e-5, rtol=0)
+    assert float((_logits(merged, ids) - _logits(base, ids)).abs().max()) > 1e-4  # the adapter did something
+    gen = merged.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, len(ids) + 4)
+
+
+def test_merge_adapter_needs_lora(tmp_path, tiny_model, data_dir):
+    from plw_data.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--merge-adapter merges a LoRA adapter"):
+        make_config(tiny_model, data_dir, tmp_path / "out", lora=False, merge_adapter=True)
+
+
+def smollm2_gguf() -> Path:
+    from conftest import REPO
+
+    found = sorted((REPO / ".cache" / "smollm2").glob("*.gguf"))
+    if not found:
+        pytest.skip(f"SmolLM2 GGUF absent under {REPO / '.cache' / 'smollm2'} (scripts/setup.sh puts it there)")
+    return found[0]
+
+
+@pytest.mark.slow
+def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(tmp_path, data_dir):
+    """plw-train on the .gguf: OUT/best loads with AutoPeftModelForCausalLM (base: OUT/base), merged generates;
+    `plw-data convert-gguf` writes the same base as a plain folder."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from plw_data.cli.main import app
+
+    gguf = smollm2_gguf()
+    out = tmp_path / "out"
+    run_train(gguf, data_dir, out, max_steps=1, micro_batch_size=1, max_eval_rows=1, merge_adapter=True)
+    config = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())
+    adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "best"), dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
+    ids = [1, 9690, 198, 2683, 314]
+    torch.testing.assert_close(_logits(merged, ids), _logits(adapter, ids), atol=1e-4, rtol=0)
+    assert merged.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False).shape == (1, len(ids) + 3)
+
+    result = CliRunner().invoke(app, ["convert-gguf", str(gguf), str(tmp_path / "plain")])
+    assert result.exit_code == 0, result.output
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain"), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(plain, ids), _logits(base, ids), atol=0, rtol=0)
+    assert (tmp_path / "plain" / "tokenizer.json").is_file()
+    again = CliRunner().invoke(app, ["convert-gguf", str(gguf), str(tmp_path / "plain")])
+    assert again.exit_code == 2 and "use --overwrite" in again.output
+
+
 # --------------------------------------------------------------------------- two ranks
 
 

@@ -87,6 +87,10 @@ class TrainConfig:
     best_metric: str = _opt("eval_completion_loss", "Eval metric that picks OUTPUT/best (losses: lower is better).")
     early_stopping_patience: int | None = _opt(None, "Stop after N evals without improvement of --best-metric.")
     progress: bool = _opt(True, "Live metrics table in the terminal.")
+    # --- export
+    merge_adapter: bool = _opt(
+        False, "At the end, also write OUTPUT/merged: the LoRA adapter of OUTPUT/best merged into its base (full model)."
+    )
 
     def validate(self) -> None:
         for name in ("model", "data", "output"):
@@ -112,6 +116,8 @@ class TrainConfig:
             raise ConfigError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
         if self.best_metric not in EVAL_METRICS:
             raise ConfigError(f"--best-metric must be one of {', '.join(EVAL_METRICS)}; got {self.best_metric!r}")
+        if self.merge_adapter and not self.lora:
+            raise ConfigError("--merge-adapter merges a LoRA adapter; with --no-lora OUTPUT/best is the full model already")
         if self.resume and self.overwrite:
             raise ConfigError("give --resume or --overwrite, not both")
         if self.completion_weight < 0:
