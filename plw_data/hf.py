@@ -34,6 +34,7 @@ docs/training.md) from on-device sums, all-reduced, and hands them to the callba
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any
 
@@ -82,8 +83,8 @@ class PLWTrainerMixin:
     computes_plw_loss = True
 
     def __init__(self, *args: Any, loss_chunk_size: int | None = None, **kwargs: Any) -> None:
-        if args:
-            raise TypeError(f"{type(self).__name__} takes keyword arguments only (model=..., args=..., ...)")
+        if args:  # positional as for the trainer class: Trainer(model, args, data_collator, ...)
+            kwargs.update(zip(inspect.signature(super().__init__).parameters, args))
         collator = kwargs.get("data_collator")
         if isinstance(collator, dict):
             collator = PLWCollator(**collator)
@@ -94,16 +95,14 @@ class PLWTrainerMixin:
             )
         kwargs["data_collator"] = collator
         train_args = kwargs.get("args")
-        if train_args is not None:
-            train_args = copy.copy(train_args)  # the caller's object stays as it was
-            train_args.remove_unused_columns = False  # the collator needs the mask columns
-            self._check_args(train_args, kwargs)
-            kwargs["args"] = train_args
+        train_args = self._default_args() if train_args is None else copy.copy(train_args)  # caller's stays as is
+        train_args.remove_unused_columns = False  # the collator needs the mask columns
+        self._check_args(train_args, kwargs)
+        kwargs["args"] = train_args
         self.loss_chunk_size = loss_chunk_size
         self._hidden: torch.Tensor | None = None
         self._hooked: set[int] = set()
         super().__init__(**kwargs)
-        self.args.remove_unused_columns = False
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the window's Σw itself
         model = self.model
         check_plain_logits(model.config)
@@ -123,6 +122,9 @@ class PLWTrainerMixin:
         )
         self._logits_to_keep = "logits_to_keep" in _forward_parameters(model)
 
+    def _default_args(self) -> Any:
+        return transformers.TrainingArguments(output_dir="trainer_output")
+
     def _check_args(self, train_args: Any, kwargs: dict[str, Any]) -> None:
         """Subclasses refuse argument values that would change the prepared rows (see PLWSFTTrainer)."""
 
@@ -130,6 +132,8 @@ class PLWTrainerMixin:
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not hasattr(dataset, "__len__"):  # an IterableDataset keeps its own order
+            return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return PLWEpochSampler(len(dataset), seed)
 
@@ -235,8 +239,6 @@ class PLWTrainerMixin:
 
 
 def _forward_parameters(model) -> set[str]:
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
 
@@ -253,6 +255,11 @@ class PLWSFTMixin(PLWTrainerMixin):
     drops their example boundaries) and a ``max_length`` below the longest prepared row (it would cut
     completion tokens): each with one line naming the fix.
     """
+
+    def _default_args(self) -> Any:
+        from trl import SFTConfig
+
+        return SFTConfig(output_dir="trainer_output")
 
     def _check_args(self, train_args: Any, kwargs: dict[str, Any]) -> None:
         if getattr(train_args, "packing", False):

@@ -242,6 +242,32 @@ def test_plw_trainer_without_plw_collator_is_refused(tmp_path, tiny_model, data_
                        data_collator=collator)  # fmt: skip
 
 
+def test_trainer_sets_what_it_needs_without_touching_the_callers_args(tmp_path, tiny_model, data_dir):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from plw_data import PLWCollator
+    from plw_data.hf import PLWTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    train = load_from_disk(str(data_dir / "train"))
+    args = training_args(tmp_path, micro=1, accum=1)
+    collator = PLWCollator(prompt_loss_weight=0.25)
+    trainer = PLWTrainer(model, args, collator, train)  # positional, as Trainer takes them
+    assert trainer.data_collator is collator and trainer.train_dataset is train
+    assert trainer.args.remove_unused_columns is False and args.remove_unused_columns is True
+    assert PLWTrainer(model=model, data_collator={"prompt_loss_weight": 0.25}, train_dataset=train).args.remove_unused_columns is False
+    pytest.importorskip("trl")
+    from conftest import load_tokenizer
+    from plw_data.hf import PLWSFTTrainer
+
+    sft_args = training_args(tmp_path, micro=1, accum=1, sft=True)
+    sft = PLWSFTTrainer(model=model, args=sft_args, train_dataset=train, data_collator=collator,
+                        processing_class=load_tokenizer(SMOL))  # fmt: skip
+    assert sft.args.dataset_kwargs["skip_prepare_dataset"] is True and sft.train_dataset is train
+    assert sft_args.dataset_kwargs is None  # the caller's config is left as it was
+
+
 def test_private_hooks_are_pinned_to_the_tested_versions():
     """PLWTrainer overrides transformers' private ``_get_train_sampler``: re-test before moving the pin."""
     import inspect
