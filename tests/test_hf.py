@@ -104,7 +104,7 @@ def assert_same(ref: dict, mine: dict, atol: float = 1e-5) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model, data_dir):
-    """plw-train runs by (lora, micro, accum): (losses, saved weights, initial weights)."""
+    """plw-train runs by (lora, micro, accum): (losses, saved weights, events)."""
     cache: dict = {}
 
     def get(lora: bool, micro: int, accum: int):
@@ -115,7 +115,7 @@ def reference(tmp_path_factory, tiny_model, data_dir):
                 tiny_model, data_dir, out, max_steps=2, micro_batch_size=micro, gradient_accumulation_steps=accum,
                 lora=lora, lora_dropout=0.0, prompt_loss_weight=PLW, learning_rate=LR,
             )
-            cache[key] = (train_losses(events), saved_weights(out / "last"))
+            cache[key] = (train_losses(events), saved_weights(out / "last"), events)
         return cache[key]
 
     return get
@@ -130,7 +130,7 @@ def reference(tmp_path_factory, tiny_model, data_dir):
 def test_same_losses_and_weights_as_plw_train(tmp_path, tiny_model, data_dir, reference, sft, lora, micro, accum):
     if sft:
         pytest.importorskip("trl")
-    ref_losses, ref_weights = reference(lora, micro, accum)
+    ref_losses, ref_weights, _ = reference(lora, micro, accum)
     trainer = build_trainer(tiny_model, data_dir, tmp_path, lora=lora, micro=micro, accum=accum, sft=sft)
     initial = trained_weights(trainer.model, lora)
     trainer.train()
@@ -404,10 +404,11 @@ def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(
 
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir, reference):
-    """PLWTrainer, 2 ranks x micro-batch 1 x accumulation 2 (gloo, CPU) = plw-train 1 rank x 1 x 4."""
+    """PLWTrainer, 2 ranks x micro-batch 1 x accumulation 2 (gloo, CPU) = plw-train 1 rank x 1 x 4: losses,
+    weights, and the eval metrics after training (eval rows split over the ranks, sums all-reduced)."""
     from plw_data.train.distributed import free_port
 
-    ref_losses, ref_weights = reference(False, 1, 4)
+    ref_losses, ref_weights, ref_events = reference(False, 1, 4)
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -420,8 +421,11 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir,
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "losses.json").read_text())
-    assert result == pytest.approx(ref_losses, rel=1e-5)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
     assert_same(ref_weights, saved_weights(out / "weights"))
+    (final_eval,) = [e for e in ref_events if "eval_completion_loss" in e]
+    for key in EVAL_KEYS:
+        assert result["eval"][key] == pytest.approx(final_eval[key], rel=1e-5, abs=1e-7), key
 
 
 def _main() -> None:
@@ -432,10 +436,11 @@ def _main() -> None:
     parser.add_argument("--micro", type=int, default=1)
     parser.add_argument("--accum", type=int, default=1)
     a = parser.parse_args()
-    trainer = build_trainer(a.model, a.data, a.out, lora=False, micro=a.micro, accum=a.accum)
+    trainer = build_trainer(a.model, a.data, a.out, lora=False, micro=a.micro, accum=a.accum, eval_split=True)
     trainer.train()
+    metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
-        (a.out / "losses.json").write_text(json.dumps(hf_losses(trainer)))
+        (a.out / "losses.json").write_text(json.dumps({"losses": hf_losses(trainer), "eval": metrics}))
         trainer.model.save_pretrained(str(a.out / "weights"))
 
 
