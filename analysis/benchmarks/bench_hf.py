@@ -160,8 +160,8 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
         results = []
-        for kind in a.kinds:
-            cmd = [sys.executable, __file__, "--kind", kind, "--data", str(data), "--out", str(tmp / kind),
+        for i, kind in enumerate(a.kinds):  # a kind may repeat (interleaved repeats on a shared machine)
+            cmd = [sys.executable, __file__, "--kind", kind, "--data", str(data), "--out", str(tmp / f"{i}-{kind}"),
                    "--model", str(model), "--steps", str(steps), "--micro", str(a.micro), "--accum", str(a.accum),
                    "--threads", str(a.threads)]  # fmt: skip
             t0 = time.perf_counter()
