@@ -117,6 +117,21 @@ def merge(
                f"per-slice packing vs the global bound: {extra}")
 
 
+@app.command("convert-gguf")
+@o.handle_errors
+def convert_gguf(
+    model: Annotated[Path, typer.Argument(help="A .gguf model file.")],
+    output: Annotated[Path, typer.Argument(help="Folder to write (weights, config.json, tokenizer).")],
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUTPUT.")] = False,
+) -> None:
+    """Dequantise a .gguf model into a plain Hugging Face folder that Trainer, peft and plw-train load."""
+    from plw_data.export import convert_gguf as run
+
+    run(model, output, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"wrote {output}")
+
+
 app.command("rg-stats")(rg_stats)
 
 

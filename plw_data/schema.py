@@ -88,6 +88,8 @@ TMP_NAME = ".plw-tmp"  # a DIR holding it is a prepare/merge that did not finish
 SLICES_NAME = ".plw-slices"  # the slices of a prepare --ray run, before they are merged (docs/ray.md)
 STATE = "state.json"
 DATASET_INFO = "dataset_info.json"
+#: ``{"splits": [...]}`` at the top of DIR: ``datasets.load_from_disk(DIR)`` returns a DatasetDict of the splits.
+DATASET_DICT = "dataset_dict.json"
 
 # -- manifest keys (docs/format.md), per level --------------------------------------------------
 TOP_KEYS = ("format_version", "created_by", "config", "tokenizer", "inputs", "counts", "splits")

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -209,12 +210,12 @@ class PLWCollator:
         labels = np.where(weights > 0, grid_ids, IGNORE_INDEX)
         real = np.arange(width) < row_len[:, None]
 
-        batch: dict[str, Any] = {
+        batch: dict[str, Any] = PLWBatch({
             "input_ids": torch.from_numpy(grid_ids),
             "position_ids": torch.from_numpy(position.reshape(n_rows, width)),
             "labels": torch.from_numpy(labels),
             "loss_weights": torch.from_numpy(weights),
-        }
+        })
         if self.return_attention_mask and (pad > 0).any():
             batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
         if self.emit_cu_seqlens:
@@ -230,6 +231,39 @@ class PLWCollator:
             if source is not None:
                 batch["source_id"] = torch.from_numpy(_grid(np.repeat(source, seq), row_len, width, -1))
         return batch
+
+
+class PLWBatch(dict):
+    """What :class:`PLWCollator` returns: a plain dict to every reader, except one.
+
+    A stock ``transformers.Trainer`` / TRL ``SFTTrainer`` ``compute_loss`` runs ``model(**batch)``: the
+    model ignores ``loss_weights`` and trains its own unweighted mean CE, and (``use_cache`` on) attends
+    across packed examples, silently. Unpacking a dict subclass with its own ``__iter__`` goes through
+    ``keys()``, which refuses when called from such a ``compute_loss`` (docs/hf.md).
+    """
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return dict.__iter__(self)
+
+    def keys(self):
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "compute_loss" and _stock_trainer(caller.f_locals.get("self")):
+            raise TypeError(
+                f"a PLWCollator batch reached {type(caller.f_locals['self']).__name__}.compute_loss, which would "
+                "train the model's unweighted loss and ignore loss_weights: use plw_data.hf.PLWTrainer "
+                "(or PLWSFTTrainer for TRL), see docs/hf.md"
+            )
+        return dict.keys(self)
+
+
+def _stock_trainer(obj: Any) -> bool:
+    """A transformers Trainer (TRL's included) whose loss is not the PLW loss of :mod:`plw_data.hf`."""
+    mro = type(obj).__mro__
+    return any(c.__name__ == "Trainer" and c.__module__ == "transformers.trainer" for c in mro) and not getattr(
+        obj, "computes_plw_loss", False
+    )
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,7 +302,13 @@ def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], wi
             cols[field] = [row[field] for row in rows]
         except KeyError:
             bad = next(i for i, row in enumerate(rows) if field not in row)
-            raise KeyError(f"row {bad}: missing field {field!r} (fields: {sorted(rows[bad])})") from None
+            hint = ""
+            if not any(f in rows[bad] for f in _MASKS):
+                hint = (
+                    ": the PLW columns were removed before collation (transformers' Trainer does with "
+                    "remove_unused_columns=True); train with plw_data.hf.PLWTrainer, see docs/hf.md"
+                )
+            raise KeyError(f"row {bad}: missing field {field!r} (fields: {sorted(rows[bad])}){hint}") from None
     return cols
 
 

@@ -17,7 +17,7 @@ from .. import schema as S
 from ..errors import ConfigError
 
 #: What `prepare`/`merge` write at the top of a DIR (besides the split folders).
-OWN_FILES = (S.MANIFEST, S.DROPPED, S.RUN)
+OWN_FILES = (S.MANIFEST, S.DROPPED, S.RUN, S.DATASET_DICT)
 
 
 def is_interrupted(output: Path) -> bool:
@@ -101,5 +101,6 @@ def install(work: Path, output: Path, manifest: dict[str, Any], run: dict[str, A
         os.replace(item, output / item.name)
     if run is not None:
         S.write_json(output / S.RUN, run)
+    S.write_json(output / S.DATASET_DICT, {"splits": list(manifest["splits"])})
     S.write_json(output / S.MANIFEST, manifest)
     work.rmdir()  # only now: until the manifest lands, TMP_NAME marks DIR as an interrupted run

@@ -98,6 +98,10 @@ class TrainConfig:
         None, "Choose each source's PLW so its prompt + template tokens carry this share of its loss weight "
         "(docs/mixtures.md); replaces --prompt-loss-weight."
     )
+    # --- export
+    merge_adapter: bool = _opt(
+        False, "At the end, also write OUTPUT/merged: the LoRA adapter of OUTPUT/best merged into its base (full model)."
+    )
 
     def validate(self) -> None:
         for name in ("model", "data", "output"):
@@ -123,6 +127,8 @@ class TrainConfig:
             raise ConfigError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
         if self.best_metric not in EVAL_METRICS:
             raise ConfigError(f"--best-metric must be one of {', '.join(EVAL_METRICS)}; got {self.best_metric!r}")
+        if self.merge_adapter and not self.lora:
+            raise ConfigError("--merge-adapter merges a LoRA adapter; with --no-lora OUTPUT/best is the full model already")
         if self.resume and self.overwrite:
             raise ConfigError("give --resume or --overwrite, not both")
         for name in ("completion_weight", "reasoning_weight"):

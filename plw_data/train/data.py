@@ -76,11 +76,15 @@ def model_kwargs(batch, device, *, with_weights: bool) -> dict[str, Any]:
 
 def closing_token_ids(cfg: TrainConfig, model_config) -> list[int]:
     """Ids of special tokens that may close a completion (left out of answer accuracy)."""
+    return closing_ids(model_config, run_tokenizer(cfg))
+
+
+def closing_ids(model_config, tok) -> list[int]:
+    """EOS ids of the model (config, generation config) and the special ids of ``tok`` (may be None)."""
     ids: set[int] = set()
     for src in (model_config, getattr(model_config, "generation_config", None)):
         eos = getattr(src, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    tok = run_tokenizer(cfg)
     if tok is not None:
         ids.update(int(i) for i in tok.all_special_ids)
         if tok.eos_token_id is not None:

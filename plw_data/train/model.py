@@ -37,8 +37,13 @@ def torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
 
 
-def load_model(cfg: TrainConfig):
-    """A causal LM from a local folder, a .gguf file (dequantised) or a hub name, with LoRA unless --no-lora."""
+def load_model(cfg: TrainConfig, base_dir: Path | None = None):
+    """A causal LM from a local folder, a .gguf file (dequantised) or a hub name, with LoRA unless --no-lora.
+
+    ``base_dir``: for a .gguf model with LoRA, rank 0 writes the dequantised base there once (a plain
+    HF folder, :func:`plw_data.export.save_folder`) and the adapter records it as its base, so
+    ``AutoPeftModelForCausalLM`` can load the adapter (the .gguf's folder has no config.json).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg.dtype)}
@@ -56,11 +61,24 @@ def load_model(cfg: TrainConfig):
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {cfg.model}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
     check_plain_logits(model.config)
+    if gguf:
+        from ..export import dequantised
+
+        model = dequantised(model)  # float weights already; drop the record that blocks saving and training
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora:
         return model
     from peft import LoraConfig, get_peft_model
+
+    base_name = None
+    if gguf and base_dir is not None:
+        base_name = str(Path(base_dir).resolve())
+        if int(os.environ.get("RANK", "0")) == 0 and not (Path(base_dir) / "config.json").is_file():
+            from ..export import save_folder
+            from ..tokenizer import load_tokenizer
+
+            save_folder(model, load_tokenizer(cfg.model, fast=False), Path(base_dir))
 
     targets = list(cfg.lora_target_modules) or "all-linear"
     lora = LoraConfig(
@@ -71,6 +89,8 @@ def load_model(cfg: TrainConfig):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if base_name is not None:
+        model.peft_config["default"].base_model_name_or_path = base_name
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     return model

@@ -119,7 +119,8 @@ class Trainer:
         self.template: Schedule | None = cfg.template_schedule
 
         torch.manual_seed(cfg.seed)  # LoRA initialisation
-        model = load_model(cfg)
+        model = load_model(cfg, base_dir=self.out / "base")
+        barrier()  # rank 0 may have written OUT/base (a .gguf model's dequantised base)
         self.model = model
         self.closing_ids = torch.tensor(closing_token_ids(cfg, model.config), dtype=torch.long)
         pad = getattr(model.config, "pad_token_id", None)
@@ -149,7 +150,7 @@ class Trainer:
             if self.cfg.overwrite:
                 for name in ("metrics.jsonl", "metrics.png"):
                     (self.out / name).unlink(missing_ok=True)
-                for name in ("best", "last"):
+                for name in ("best", "last", "base", "merged"):
                     shutil.rmtree(self.out / name, ignore_errors=True)
         barrier()
 
@@ -228,6 +229,12 @@ class Trainer:
                 self.save_last()
             if self.eval_ds is None:
                 self._save_model(self.out / "best", {"metric": None})
+            if self.cfg.merge_adapter and self.is_main:
+                from ..export import merge_adapter
+
+                best = self.out / "best"
+                merge_adapter(best if best.is_dir() else self.out / "last", self.out / "merged", dtype=self.cfg.dtype)
+            barrier()
             self._plot()
         finally:
             if self.table is not None:
