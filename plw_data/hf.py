@@ -50,7 +50,7 @@ from .train.data import closing_ids, target_weight
 from .train.model import check_plain_logits, decoder_and_head
 from .train.order import epoch_permutation
 
-__all__ = ["PLWTrainer", "PLWTrainerMixin", "PLWEpochSampler", "PLWSFTTrainer"]
+__all__ = ["PLWTrainer", "PLWTrainerMixin", "PLWEpochSampler", "PLWSFTTrainer"]  # noqa: F822 (PLWSFTTrainer: lazy, needs trl)
 
 #: Versions the private hook (``_get_train_sampler``) was tested with (tests/test_hf.py pins them).
 TESTED_VERSIONS = {"transformers": "5.24.0", "trl": "1.16.0"}

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first: a range asked for by another package would otherwise pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0" || pip install -q "torch>=2.4"
-python -c "import plw_data, deepspeed, peft" 2>/dev/null || pip install -q -e ".[dev]"
+python -c "import plw_data, deepspeed, peft, trl, ray, pytest_timeout" 2>/dev/null || pip install -q -e ".[dev]"
 SMOL=.cache/smollm2
 GGUF=$SMOL/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$GGUF" ]; then
