@@ -1,6 +1,6 @@
 """plw_data.hf: PLWTrainer and PLWSFTTrainer against plw-train (same data, seed, PLW); naive setups refused.
 
-Tiny random Llama on CPU, real RACE rows in SmolLM2's layout (the fixtures of tests/test_train.py).
+Tiny random Llama on CPU, real RACE rows prepared with SmolLM2's chat template (tests/conftest.py fixtures).
 Run as a script (``torchrun --nproc-per-node 2 tests/test_hf.py ...``) it trains with PLWTrainer and
 writes the losses and weights, for the two-rank test.
 """
@@ -19,15 +19,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_train import (  # noqa: E402,F401  (fixtures shared with test_train.py)
-    SMOL,
-    data_dir,
-    make_config,
-    run_train,
-    saved_weights,
-    tiny_model,
-    train_losses,
-)
+from conftest import SMOL  # noqa: E402
+from test_train import make_config, run_train, saved_weights, train_losses  # noqa: E402
 
 PLW = "0.3"
 LR = 1e-3
@@ -103,7 +96,7 @@ def assert_same(ref: dict, mine: dict, atol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model, data_dir):
+def reference(tmp_path_factory, tiny_model, race_dir):
     """plw-train runs by (lora, micro, accum): (losses, saved weights, events)."""
     cache: dict = {}
 
@@ -112,7 +105,7 @@ def reference(tmp_path_factory, tiny_model, data_dir):
         if key not in cache:
             out = tmp_path_factory.mktemp("ref") / "out"
             events = run_train(
-                tiny_model, data_dir, out, max_steps=2, micro_batch_size=micro, gradient_accumulation_steps=accum,
+                tiny_model, race_dir, out, max_steps=2, micro_batch_size=micro, gradient_accumulation_steps=accum,
                 lora=lora, lora_dropout=0.0, prompt_loss_weight=PLW, learning_rate=LR,
             )
             cache[key] = (train_losses(events), saved_weights(out / "last"), events)
@@ -127,11 +120,11 @@ def reference(tmp_path_factory, tiny_model, data_dir):
 @pytest.mark.parametrize("sft", [False, True], ids=["Trainer", "SFTTrainer"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("micro,accum", [(1, 4), (4, 1)], ids=["1x4", "4x1"])
-def test_same_losses_and_weights_as_plw_train(tmp_path, tiny_model, data_dir, reference, sft, lora, micro, accum):
+def test_same_losses_and_weights_as_plw_train(tmp_path, tiny_model, race_dir, reference, sft, lora, micro, accum):
     if sft:
         pytest.importorskip("trl")
     ref_losses, ref_weights, _ = reference(lora, micro, accum)
-    trainer = build_trainer(tiny_model, data_dir, tmp_path, lora=lora, micro=micro, accum=accum, sft=sft)
+    trainer = build_trainer(tiny_model, race_dir, tmp_path, lora=lora, micro=micro, accum=accum, sft=sft)
     initial = trained_weights(trainer.model, lora)
     trainer.train()
     assert hf_losses(trainer) == pytest.approx(ref_losses, rel=1e-5)
@@ -141,10 +134,10 @@ def test_same_losses_and_weights_as_plw_train(tmp_path, tiny_model, data_dir, re
     assert_same(ref_weights, mine)
 
 
-def test_eval_metrics_equal_plw_train_max_steps_0(tmp_path, tiny_model, data_dir):
-    events = run_train(tiny_model, data_dir, tmp_path / "ref", max_steps=0, eval_batch_size=2, lora=False)
+def test_eval_metrics_equal_plw_train_max_steps_0(tmp_path, tiny_model, race_dir):
+    events = run_train(tiny_model, race_dir, tmp_path / "ref", max_steps=0, eval_batch_size=2, lora=False)
     trainer = build_trainer(
-        tiny_model, data_dir, tmp_path / "hf", lora=False, micro=1, accum=1, eval_split=True, per_device_eval_batch_size=3
+        tiny_model, race_dir, tmp_path / "hf", lora=False, micro=1, accum=1, eval_split=True, per_device_eval_batch_size=3
     )
     metrics = trainer.evaluate()
     for key in EVAL_KEYS:
@@ -152,11 +145,11 @@ def test_eval_metrics_equal_plw_train_max_steps_0(tmp_path, tiny_model, data_dir
     assert metrics["eval_tokens"] == events[0]["eval_tokens"]
 
 
-def test_best_model_and_early_stopping_use_the_plw_metrics(tmp_path, tiny_model, data_dir):
+def test_best_model_and_early_stopping_use_the_plw_metrics(tmp_path, tiny_model, race_dir):
     from transformers import EarlyStoppingCallback
 
     trainer = build_trainer(
-        tiny_model, data_dir, tmp_path, lora=True, micro=2, accum=1, eval_split=True, max_steps=6,
+        tiny_model, race_dir, tmp_path, lora=True, micro=2, accum=1, eval_split=True, max_steps=6,
         eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
         metric_for_best_model="eval_answer_accuracy",
     )  # fmt: skip
@@ -172,7 +165,7 @@ def test_best_model_and_early_stopping_use_the_plw_metrics(tmp_path, tiny_model,
 # --------------------------------------------------------------------------- naive setups: exact or refused
 
 
-def test_plain_trainer_with_plw_collator_is_refused_naming_the_fix(tmp_path, tiny_model, data_dir):
+def test_plain_trainer_with_plw_collator_is_refused_naming_the_fix(tmp_path, tiny_model, race_dir):
     import torch
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, Trainer
@@ -180,7 +173,7 @@ def test_plain_trainer_with_plw_collator_is_refused_naming_the_fix(tmp_path, tin
     from plw_data import PLWCollator
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
-    train = load_from_disk(str(data_dir / "train"))
+    train = load_from_disk(str(race_dir / "train"))
     for remove in (True, False):  # default: columns stripped; False: the batch reaches compute_loss
         args = training_args(tmp_path, micro=2, accum=1, remove_unused_columns=remove)
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=PLWCollator(prompt_loss_weight=0.1))
@@ -189,7 +182,7 @@ def test_plain_trainer_with_plw_collator_is_refused_naming_the_fix(tmp_path, tin
         assert "\n" not in str(err.value)
 
 
-def test_plain_sft_trainer_with_plw_collator_is_refused(tmp_path, tiny_model, data_dir):
+def test_plain_sft_trainer_with_plw_collator_is_refused(tmp_path, tiny_model, race_dir):
     pytest.importorskip("trl")
     import torch
     from datasets import load_from_disk
@@ -203,7 +196,7 @@ def test_plain_sft_trainer_with_plw_collator_is_refused(tmp_path, tiny_model, da
     for remove in (True, False):
         trainer = SFTTrainer(
             model=model, args=training_args(tmp_path, micro=2, accum=1, sft=True, remove_unused_columns=remove),
-            train_dataset=load_from_disk(str(data_dir / "train")), processing_class=load_tokenizer(SMOL),
+            train_dataset=load_from_disk(str(race_dir / "train")), processing_class=load_tokenizer(SMOL),
             data_collator=PLWCollator(prompt_loss_weight=0.1),
         )  # fmt: skip
         with pytest.raises((KeyError, TypeError), match=r"plw_data\.hf\.PLWTrainer"):
@@ -218,15 +211,15 @@ def test_plain_sft_trainer_with_plw_collator_is_refused(tmp_path, tiny_model, da
     ],
     ids=["packing", "max_length"],
 )
-def test_sft_settings_that_would_change_the_rows_are_refused(tmp_path, tiny_model, data_dir, extra, match):
+def test_sft_settings_that_would_change_the_rows_are_refused(tmp_path, tiny_model, race_dir, extra, match):
     pytest.importorskip("trl")
     from plw_data.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
-        build_trainer(tiny_model, data_dir, tmp_path, lora=True, micro=1, accum=1, sft=True, **extra)
+        build_trainer(tiny_model, race_dir, tmp_path, lora=True, micro=1, accum=1, sft=True, **extra)
 
 
-def test_plw_trainer_without_plw_collator_is_refused(tmp_path, tiny_model, data_dir):
+def test_plw_trainer_without_plw_collator_is_refused(tmp_path, tiny_model, race_dir):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, DataCollatorWithPadding
 
@@ -235,14 +228,14 @@ def test_plw_trainer_without_plw_collator_is_refused(tmp_path, tiny_model, data_
     from plw_data.hf import PLWTrainer
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
-    train = load_from_disk(str(data_dir / "train"))
+    train = load_from_disk(str(race_dir / "train"))
     for collator in (None, DataCollatorWithPadding(load_tokenizer(SMOL))):
         with pytest.raises(ConfigError, match=r"needs data_collator=PLWCollator\(prompt_loss_weight=\.\.\.\)"):
             PLWTrainer(model=model, args=training_args(tmp_path, micro=1, accum=1), train_dataset=train,
                        data_collator=collator)  # fmt: skip
 
 
-def test_trainer_sets_what_it_needs_without_touching_the_callers_args(tmp_path, tiny_model, data_dir):
+def test_trainer_sets_what_it_needs_without_touching_the_callers_args(tmp_path, tiny_model, race_dir):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
@@ -250,7 +243,7 @@ def test_trainer_sets_what_it_needs_without_touching_the_callers_args(tmp_path, 
     from plw_data.hf import PLWTrainer
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
-    train = load_from_disk(str(data_dir / "train"))
+    train = load_from_disk(str(race_dir / "train"))
     args = training_args(tmp_path, micro=1, accum=1)
     collator = PLWCollator(prompt_loss_weight=0.25)
     trainer = PLWTrainer(model, args, collator, train)  # positional, as Trainer takes them
@@ -333,13 +326,13 @@ def _logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def test_merge_adapter_writes_a_full_model_equal_to_base_plus_adapter(tmp_path, tiny_model, data_dir):
+def test_merge_adapter_writes_a_full_model_equal_to_base_plus_adapter(tmp_path, tiny_model, race_dir):
     import torch
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    run_train(tiny_model, data_dir, out, max_steps=2, micro_batch_size=2, learning_rate=1e-2, merge_adapter=True)
+    run_train(tiny_model, race_dir, out, max_steps=2, micro_batch_size=2, learning_rate=1e-2, merge_adapter=True)
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
     adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "best"), dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
@@ -351,11 +344,11 @@ def test_merge_adapter_writes_a_full_model_equal_to_base_plus_adapter(tmp_path, 
     assert gen.shape == (1, len(ids) + 4)
 
 
-def test_merge_adapter_needs_lora(tmp_path, tiny_model, data_dir):
+def test_merge_adapter_needs_lora(tmp_path, tiny_model, race_dir):
     from plw_data.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--merge-adapter merges a LoRA adapter"):
-        make_config(tiny_model, data_dir, tmp_path / "out", lora=False, merge_adapter=True)
+        make_config(tiny_model, race_dir, tmp_path / "out", lora=False, merge_adapter=True)
 
 
 def smollm2_gguf() -> Path:
@@ -368,7 +361,7 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.mark.slow
-def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(tmp_path, data_dir):
+def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(tmp_path, race_dir):
     """plw-train on the .gguf: OUT/best loads with AutoPeftModelForCausalLM (base: OUT/base), merged generates;
     `plw-data convert-gguf` writes the same base as a plain folder."""
     import torch
@@ -380,7 +373,7 @@ def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(
 
     gguf = smollm2_gguf()
     out = tmp_path / "out"
-    run_train(gguf, data_dir, out, max_steps=1, micro_batch_size=1, max_eval_rows=1, merge_adapter=True)
+    run_train(gguf, race_dir, out, max_steps=1, micro_batch_size=1, max_eval_rows=1, merge_adapter=True)
     config = json.loads((out / "best" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((out / "base").resolve())
     adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "best"), dtype=torch.float32).eval()
@@ -403,7 +396,7 @@ def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir, reference):
+def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, race_dir, reference):
     """PLWTrainer, 2 ranks x micro-batch 1 x accumulation 2 (gloo, CPU) = plw-train 1 rank x 1 x 4: losses,
     weights, and the eval metrics after training (eval rows split over the ranks, sums all-reduced)."""
     from plw_data.train.distributed import free_port
@@ -416,7 +409,7 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, data_dir,
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        __file__, "--model", str(tiny_model), "--data", str(data_dir), "--out", str(out), "--micro", "1", "--accum", "2",
+        __file__, "--model", str(tiny_model), "--data", str(race_dir), "--out", str(out), "--micro", "1", "--accum", "2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import PLWError
+from ..errors import ConfigError, PLWError
 
 MARKER = "CHECKPOINT_COMPLETE.json"
 STATE = "trainer_state.json"
@@ -105,3 +105,26 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def claim_output(out: Path, *, resume: bool, overwrite: bool, is_main: bool) -> dict[str, Any]:
+    """Make OUTPUT ready for a run; returns the trainer state to resume from ({} for a new run).
+
+    A run already there is refused unless --resume (its checkpoint is verified now, before the model
+    loads) or --overwrite (only the run's own files are removed). All ranks call this."""
+    from .distributed import barrier
+
+    busy = (out / "metrics.jsonl").exists() or (out / "last").exists()
+    if busy and not (resume or overwrite):
+        raise ConfigError(f"{out}: holds a run already; --resume continues it, --overwrite starts over")
+    saved = verify(resolve(out / "last")) if resume else {}
+    barrier()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in ("metrics.jsonl", "metrics.png"):
+                (out / name).unlink(missing_ok=True)
+            for name in ("best", "last", "base", "merged"):
+                shutil.rmtree(out / name, ignore_errors=True)
+    barrier()
+    return saved

@@ -118,3 +118,11 @@ def run_tokenizer(cfg: TrainConfig):
         if cfg.tokenizer:
             raise ConfigError(f"--tokenizer {cfg.tokenizer}: cannot load a tokenizer") from None
         return None
+
+
+def eval_sources(eval_dir: Path) -> tuple[list[str], np.ndarray] | None:
+    """Source names and example_index bounds of the DIR an eval split belongs to (None: no mixture)."""
+    from ..prepare.mixture import source_ranges
+
+    manifest = Path(eval_dir).parent / S.MANIFEST
+    return source_ranges(S.read_manifest(manifest.parent)) if manifest.is_file() else None

@@ -147,3 +147,36 @@ def build_optimizer(module, cfg: TrainConfig):
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def build_engine(module, model, cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int):
+    """The DeepSpeed engine around ``module`` (decoder + loss of ``model``): torch AdamW and a LambdaLR
+    over :func:`plw_data.train.ds_config.lr_multiplier`, unless the DeepSpeed JSON brings its own."""
+    import deepspeed
+    import torch
+
+    from .ds_config import lr_multiplier
+
+    optimizer = None if "optimizer" in ds_config else build_optimizer(module, cfg)
+    scheduler = None
+    if "scheduler" not in ds_config and optimizer is not None:
+        warmup, kind, floor = cfg.warmup_for(total_steps), cfg.lr_scheduler, cfg.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: lr_multiplier(k, total_steps=total_steps, warmup_steps=warmup, kind=kind, min_ratio=floor)
+        )
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=params if optimizer is None else None,
+        config=ds_config,
+    )
+    if engine.zero_optimization_stage() == 3:
+        # The loss reads the lm_head weight outside the head's forward: make ZeRO-3 gather it
+        # for the whole wrapper (the fused loss needs no weight in backward).
+        _, head = decoder_and_head(model)
+        for p in (head.weight, head.bias):
+            if p is not None:
+                deepspeed.zero.register_external_parameter(engine.module, p)
+    return engine

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -44,13 +43,14 @@ import numpy as np
 
 from .. import schema as S
 from ..errors import ConfigError, PLWError
-from ..prepare.mixture import source_ranges
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import closing_token_ids, collate_rows, eval_path, load_split, model_kwargs, run_tokenizer, target_weight, verify_data
+from .data import (
+    closing_token_ids, collate_rows, eval_path, eval_sources, load_split, model_kwargs, run_tokenizer, target_weight, verify_data,
+)
 from .distributed import all_reduce_sum, barrier, default_dist_env, init_distributed
-from .ds_config import build_ds_config, load_ds_config, lr_multiplier
-from .model import build_optimizer, decoder_and_head, load_model, loss_module, resolve_dtype
+from .ds_config import build_ds_config, load_ds_config
+from .model import build_engine, load_model, loss_module, resolve_dtype
 from .order import epoch_permutation, rank_slots, steps_per_epoch, update_seed
 from .plots import plot_metrics, read_events
 from .schedule import Schedule
@@ -91,7 +91,8 @@ class Trainer:
         self.out = Path(cfg.output)
         self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
-        self._check_output()
+        # On resume, fail fast (before loading the model) on a missing, partial or corrupt checkpoint.
+        self.saved = ckpt.claim_output(self.out, resume=cfg.resume, overwrite=cfg.overwrite, is_main=self.is_main)
         verify_data(cfg)
         self.train_ds = load_split(Path(cfg.data) / "train", "train")
         eval_dir = eval_path(cfg)
@@ -115,7 +116,7 @@ class Trainer:
         self.sources, self.plw = cfg.plw_for(S.read_manifest(cfg.data) if manifest_path.is_file() else {})
         if cfg.prompt_share is not None and self.is_main:
             print(f"plw-train: --prompt-share {cfg.prompt_share}: PLW {_plw_text(self.plw)}", file=sys.stderr)
-        self.eval_sources = _eval_sources(eval_dir) if self.eval_ds is not None else None
+        self.eval_sources = eval_sources(eval_dir) if self.eval_ds is not None else None
         self.template: Schedule | None = cfg.template_schedule
 
         torch.manual_seed(cfg.seed)  # LoRA initialisation
@@ -127,7 +128,7 @@ class Trainer:
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         self.flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
         self.ds_config = ds_config
-        self.engine = self._engine(loss_module(model, cfg.loss_chunk_size), ds_config)
+        self.engine = build_engine(loss_module(model, cfg.loss_chunk_size), model, cfg, ds_config, self.total_steps)
         self.train_collate = self._collator(eval_mode=False)
         self.eval_collate = self._collator(eval_mode=True)
         self.state = RunState()
@@ -137,52 +138,6 @@ class Trainer:
         self.t0 = time.time()
 
     # ----------------------------------------------------------------- setup helpers
-
-    def _check_output(self) -> None:
-        busy = (self.out / "metrics.jsonl").exists() or (self.out / "last").exists()
-        if busy and not (self.cfg.resume or self.cfg.overwrite):
-            raise ConfigError(f"{self.out}: holds a run already; --resume continues it, --overwrite starts over")
-        # On resume, fail fast (before loading the model) on a missing, partial or corrupt checkpoint.
-        self.saved = ckpt.verify(ckpt.resolve(self.out / "last")) if self.cfg.resume else {}
-        barrier()
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.cfg.overwrite:
-                for name in ("metrics.jsonl", "metrics.png"):
-                    (self.out / name).unlink(missing_ok=True)
-                for name in ("best", "last", "base", "merged"):
-                    shutil.rmtree(self.out / name, ignore_errors=True)
-        barrier()
-
-    def _engine(self, module, ds_config: dict[str, Any]):
-        import deepspeed
-        import torch
-
-        optimizer = None if "optimizer" in ds_config else build_optimizer(module, self.cfg)
-        scheduler = None
-        if "scheduler" not in ds_config and optimizer is not None:
-            warmup = self.cfg.warmup_for(self.total_steps)
-            total, kind, floor = self.total_steps, self.cfg.lr_scheduler, self.cfg.min_lr_ratio
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                lambda k: lr_multiplier(k, total_steps=total, warmup_steps=warmup, kind=kind, min_ratio=floor),
-            )
-        params = [p for p in module.parameters() if p.requires_grad]
-        engine, *_ = deepspeed.initialize(
-            model=module,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            model_parameters=params if optimizer is None else None,
-            config=ds_config,
-        )
-        if engine.zero_optimization_stage() == 3:
-            # The loss reads the lm_head weight outside the head's forward: make ZeRO-3 gather it
-            # for the whole wrapper (the fused loss needs no weight in backward).
-            _, head = decoder_and_head(self.model)
-            for p in (head.weight, head.bias):
-                if p is not None:
-                    deepspeed.zero.register_external_parameter(engine.module, p)
-        return engine
 
     # ----------------------------------------------------------------- events
 
@@ -456,12 +411,6 @@ class Trainer:
 
 def _plw_text(plw: Schedule | dict[str, Schedule]) -> str:
     return str(plw) if isinstance(plw, Schedule) else ", ".join(f"{n}={s}" for n, s in plw.items())
-
-
-def _eval_sources(eval_dir: Path) -> tuple[list[str], np.ndarray] | None:
-    """Source names and example_index bounds of the DIR an eval split belongs to (None: no mixture)."""
-    manifest = Path(eval_dir).parent / S.MANIFEST
-    return source_ranges(S.read_manifest(manifest.parent)) if manifest.is_file() else None
 
 
 def train(cfg: TrainConfig, *, on_event: Callable[[Event], None] | None = None) -> list[Event]:
