@@ -306,7 +306,7 @@ def test_load_from_disk_dir_is_a_datasetdict_after_prepare_and_merge(tmp_path):
         cfg = build_config(DataConfig, load_recipe(REPO / "recipes" / "race.yaml"), {**over, "num_shards": 2, "shard_index": i})
         parts.append(tmp_path / f"part{i}")
         prepare([str(src)], cfg, parts[-1], progress=False)
-    merge(parts, tmp_path / "merged")
+    merge(parts, tmp_path / "merged", per_slice_eval=True)  # the slices drew their own eval splits
     for d in (*parts, tmp_path / "merged"):
         verify(d)
         dd = datasets.load_from_disk(str(d))
