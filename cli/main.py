@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from inspect import Parameter
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -135,5 +136,27 @@ def convert_gguf(
 app.command("rg-stats")(rg_stats)
 
 
+def optional_values(argv: list[str]) -> list[str]:
+    """The two flags that take an optional value, as docs/prepare.md spells them, in the forms typer
+    parses: ``--chat-template FILE|DIR`` (a .jinja file or a tokenizer folder; a bare
+    ``--chat-template`` stays the on switch) becomes ``--chat-template-file FILE|DIR``, and a bare
+    ``--ray`` becomes ``--ray local``."""
+    out: list[str] = []
+    for k, arg in enumerate(argv):
+        nxt = argv[k + 1] if k + 1 < len(argv) else None
+        if arg == "--chat-template" and nxt is not None and (nxt.endswith((".jinja", ".j2")) or Path(nxt).is_dir()):
+            out.append("--chat-template-file")
+        elif arg == "--ray" and (nxt is None or nxt.startswith("-")):
+            out += ["--ray", "local"]
+        else:
+            out.append(arg)
+    return out
+
+
+def main() -> None:
+    """The `plw-data` console script."""
+    app(args=optional_values(sys.argv[1:]), prog_name="plw-data")
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,5 +1,5 @@
 """`python -m plw_data` is `plw-data`."""
 
-from plw_data.cli.main import app
+from plw_data.cli.main import main
 
-app(prog_name="plw-data")
+main()

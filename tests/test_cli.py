@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, require_shared, tokenizer_dir
 from plw_data.config import DataConfig
 from plw_data.rg.report import RgOptions
 from plw_data.train.config import TrainConfig
@@ -95,3 +95,32 @@ def test_help_imports_no_torch(args):
     proc = _run(["-c", code])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_optional_value_flags_follow_the_documented_spelling(tmp_path):
+    """`--chat-template FILE|DIR` and a bare `--ray` (docs/prepare.md, docs/ray.md) reach the config."""
+    from plw_data.cli.main import optional_values
+
+    assert optional_values(["prepare", "x.jsonl", "--chat-template", "t.jinja", "-o", "o"]) == [
+        "prepare", "x.jsonl", "--chat-template-file", "t.jinja", "-o", "o"]
+    assert optional_values(["--chat-template", "x.jsonl"]) == ["--chat-template", "x.jsonl"]  # the switch, then an input
+    assert optional_values(["--chat-template", str(tmp_path)]) == ["--chat-template-file", str(tmp_path)]
+    assert optional_values(["--ray", "--num-shards", "2"]) == ["--ray", "local", "--num-shards", "2"]
+    assert optional_values(["--num-shards", "2", "--ray"]) == ["--num-shards", "2", "--ray", "local"]
+    assert optional_values(["--ray", "10.0.0.1:6379"]) == ["--ray", "10.0.0.1:6379"]
+
+
+def test_chat_template_file_on_the_command_line(tmp_path):
+    import json
+
+    template = require_shared("chat_templates/chujiezheng/zephyr.jinja")
+    rows = [{"messages": [{"role": "user", "content": f"Say {k}."}, {"role": "assistant", "content": f"{k}."}]} for k in range(4)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    r = _run(["-m", "plw_data", "prepare", str(src), "--format", "messages", "--tokenizer", str(tokenizer_dir("smollm2-135m-instruct")),
+              "--chat-template", str(template), "--output", str(out), "-q"])
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["chat_template_file"] == str(template) and m["counts"]["kept"] == 4
+    assert _run(["-m", "plw_data", "verify", str(out)]).returncode == 0
