@@ -22,16 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import SMOL  # noqa: E402
 from test_train import make_config, run_train, saved_weights, train_losses  # noqa: E402
 
+from plw_data.train.config import EVAL_METRICS  # noqa: E402
+
 PLW = "0.3"
 LR = 1e-3
-EVAL_KEYS = (
-    "eval_prompt_loss",
-    "eval_completion_loss",
-    "eval_template_loss",
-    "eval_full_loss",
-    "eval_token_accuracy",
-    "eval_answer_accuracy",
-)
+EVAL_KEYS = EVAL_METRICS  # plw-train's eval metric keys
 
 
 def training_args(out: Path, *, micro: int, accum: int, max_steps: int = 2, sft: bool = False, **extra):
