@@ -159,14 +159,15 @@ class Encoder:
 
     def _render(self, conv: Conversation, index: int = 0) -> list[_Layout]:
         try:
-            if conv.is_plain and conv.tools is None and self.fast:
+            plain = conv.is_plain
+            if plain and conv.tools is None and self.fast:
                 try:
                     layout = self._render_fast(conv, index)
                 except Exception:  # the Jinja path below fails the same way, with its own message
                     layout = None
                 if layout is not None:
                     return [layout]
-            if conv.is_plain:
+            if plain:
                 self.renders["jinja"] += 1
                 text = self._apply(list(conv.messages), conv.tools)
                 skeleton = self._skeleton(conv)
@@ -330,9 +331,8 @@ class Encoder:
         ids = np.asarray(enc.ids, dtype=np.int32)
         cats = np.zeros(len(ids), np.uint8)
         weights = None if conv.weights is None else np.ones(len(ids), np.float32)
-        ranges = [(msg, token_range(enc, a, b)) for msg, a, b in layout.spans if b > a]
-        ranges = [(msg, r) for msg, r in ranges if r is not None]
-        in_turns = {t[0] for t in layout.turns or ()}
+        ranges = [(msg, r) for msg, a, b in layout.spans if b > a and (r := token_range(enc, a, b)) is not None]
+        in_turns = {t[0] for t in layout.turns} if layout.turns else ()
         for k, (msg, (first, last)) in enumerate(ranges):
             if msg in in_turns:
                 continue
@@ -341,9 +341,9 @@ class Encoder:
             end = last + 1
             if trained and self.cfg.end_of_turn != "none":
                 limit = ranges[k + 1][1][0] if k + 1 < len(ranges) else len(ids)
-                is_special = self.is_special[ids[last + 1 : limit]]
-                if is_special.any():
-                    eot = last + 1 + int(is_special.argmax())
+                at = int(self.is_special[ids[last + 1 : limit]].argmax()) if limit > last + 1 else 0
+                if limit > last + 1 and self.is_special[ids[last + 1 + at]]:  # argmax: the first special token
+                    eot = last + 1 + at
                     start = last + 1 if self.cfg.end_of_turn == "eot+separator" else eot
                     cats[start : eot + 1] = COMPLETION
                     end = eot + 1

@@ -179,10 +179,14 @@ class Skeleton:
 
 def token_range(enc: Any, start: int, end: int) -> tuple[int, int] | None:
     """[first, last] tokens overlapping chars [start, end); None when none (content normalised away)."""
-    first = next((t for c in range(start, end) if (t := enc.char_to_token(c)) is not None), None)
+    first = enc.char_to_token(start)  # the common case at once; else the first char that has a token
     if first is None:
-        return None
-    last = next(t for c in range(end - 1, start - 1, -1) if (t := enc.char_to_token(c)) is not None)
+        first = next((t for c in range(start + 1, end) if (t := enc.char_to_token(c)) is not None), None)
+        if first is None:
+            return None
+    last = enc.char_to_token(end - 1)
+    if last is None:
+        last = next(t for c in range(end - 2, start - 1, -1) if (t := enc.char_to_token(c)) is not None)
     # Several tokens can share one char (byte fallback): widen to all that overlap.
     while first > 0 and enc.token_to_chars(first - 1)[1] > start:
         first -= 1
@@ -205,6 +209,8 @@ def prints_contents_verbatim(source: str) -> bool:
     except Exception:
         return False
     if "tojson" in source:  # whole messages serialised: contents escaped
+        return False
+    if any(n.attr in ("items", "values") for n in tree.find_all(nodes.Getattr)):  # contents reached by iteration
         return False
     parents: dict[int, nodes.Node] = {}
     stack: list[nodes.Node] = [tree]
