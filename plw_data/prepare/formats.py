@@ -57,7 +57,7 @@ class Conversation:
     @property
     def is_plain(self) -> bool:
         """Only plain messages (tools may be given): the one-render skeleton path can mask it (docs/chat.md)."""
-        return all(self.is_plain_message(i) for i in range(len(self.messages)))
+        return all(len(m) == 2 and isinstance(m["content"], str) and "</think>" not in m["content"] for m in self.messages)
 
 
 def reasoning_of(message: dict[str, Any]) -> str | None:
