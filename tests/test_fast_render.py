@@ -79,3 +79,24 @@ def test_static_check(template: str, verbatim: bool) -> None:
 def test_template_files_that_branch_on_contents_are_not_fast() -> None:
     qwen = (require_shared("chat_templates/llama.cpp/Qwen-Qwen2.5-7B-Instruct.jinja")).read_text()
     assert not prints_contents_verbatim(qwen)
+
+
+def test_check_render_changes_no_byte(tmp_path) -> None:
+    import json
+
+    from plw_data.prepare.pipeline import prepare
+
+    rows = json.loads(require_shared("alpaca/alpaca_data_first5000.json").read_text())[:30]
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(rows))
+    name = "llama-3-instruct"
+    tok = str(require_shared(f"tokenizers/{name}"))
+    outs = {}
+    for check in (False, True):
+        cfg = DataConfig(tokenizer=tok, format="alpaca", check_render=check)
+        outs[check] = tmp_path / f"out-{check}"
+        prepare([str(src)], cfg, outs[check], progress=False)
+    files = sorted(p.relative_to(outs[False]) for p in outs[False].rglob("*") if p.is_file() and p.name != "run.json")
+    assert files and all((outs[False] / f).read_bytes() == (outs[True] / f).read_bytes() for f in files)
+    renders = json.loads((outs[True] / "run.json").read_text())["renders"]
+    assert renders == {"checked": 30, "fast": 30}
