@@ -83,6 +83,9 @@ class DataConfig:
     tools: str | None = option(None, "JSON file with one tool list (JSON schemas) for every row without its own.")
     ray: str | None = option(None, "Run the --num-shards K slices as Ray tasks, then merge: local (a Ray instance on "
                              "this machine), local:N (N CPUs) or a cluster ADDRESS (docs/ray.md).", group="prepare")
+    check_render: bool = option(
+        False, "Render every row with the chat template too and compare it with the fast rendering "
+        "(docs/performance.md); a mismatch uses the template's text, counted in run.json.", group="prepare")
 
     def field_chars_limit(self) -> int:
         """The row-size bound: memory stays bounded by the batch, not by the largest row."""
@@ -129,7 +132,7 @@ class DataConfig:
         """The options that change the prepared bytes: all but how the work is run (processes, batch
         size, Ray) and what happens to a bad row (a run either records it as dropped or stops)."""
         d = dataclasses.asdict(self)
-        for volatile in ("num_proc", "batch_size", "on_error", "ray"):
+        for volatile in ("num_proc", "batch_size", "on_error", "ray", "check_render"):
             d.pop(volatile)
         return d
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,11 @@ from ..tokenizer import special_ids, with_chat_template
 from .encoded import EncodedBatch, truncate
 from .formats import Conversation, load_tools_file, reasoning_of
 from .limits import render_chat_template
-from .skeleton import Skeleton, fixed_clock, token_range
+from .skeleton import Skeleton, fixed_clock, prints_contents_verbatim, substitute, token_range
 
 PLAIN_SEPARATOR = "\n"  # between turns when no chat template is used (a template token)
 _SKELETON_CACHE = 4096  # role patterns (x tool lists) kept
+_CHECK_EVERY = 64  # one row in this many (seeded by its index) of a fast-rendered pattern is also rendered by Jinja
 
 
 @dataclass
@@ -51,6 +53,7 @@ class _Job:
     dropped: list[tuple[int, str, int, RowError]]
     rendered: list  # chat: list[_Layout] or RowError per conv; plain: unused
     texts: list[str]  # what goes to the tokenizer
+    renders: Counter = field(default_factory=Counter)  # this chunk's part of Encoder.renders
 
 
 class Encoder:
@@ -70,6 +73,11 @@ class Encoder:
         self.is_special = np.zeros(max(len(tok), int(special.max(initial=0)) + 1), bool)  # id -> bool lookup
         self.is_special[special] = True
         self._skeletons: dict[tuple, Skeleton] = {}
+        # Fast rendering (docs/performance.md): per role pattern, True once its first row rendered the
+        # same both ways, False after any mismatch (Jinja from then on).
+        self.fast = has_template and self.chat and prints_contents_verbatim(tok.chat_template)
+        self._fast_ok: dict[tuple, bool] = {}
+        self.renders: Counter = Counter()  # fast, checked, mismatch, jinja: reported in run.json
         if cfg.tools:
             load_tools_file(cfg.tools)  # a bad --tools file fails here, before any row
         if self.chat:
@@ -95,14 +103,15 @@ class Encoder:
         if not self.chat:
             return _Job(convs, dropped, [], self._plain_pieces(convs))
         rendered: list[list[_Layout] | RowError] = []
+        before = self.renders.copy()
         with fixed_clock(self.day):
-            for *_, conv in convs:
+            for index, _, _, conv in convs:
                 try:
-                    rendered.append(self._render(conv))
+                    rendered.append(self._render(conv, index))
                 except RowError as e:
                     rendered.append(e)
         texts = [layout.text for r in rendered if not isinstance(r, RowError) for layout in r]
-        return _Job(convs, dropped, rendered, texts)
+        return _Job(convs, dropped, rendered, texts, self.renders - before)
 
     def tokenize(self, job: _Job) -> list[Any]:
         """The Rust tokenizer call; it releases the GIL, so it can overlap Python work in a thread."""
@@ -125,26 +134,41 @@ class Encoder:
                 truncated += len(t_ids) < len(ids)
                 kept.append((index, t_ids, t_cats, t_w))
         dropped.sort(key=lambda d: d[0])
-        return EncodedBatch.from_examples(kept, dropped, truncated)
+        batch = EncodedBatch.from_examples(kept, dropped, truncated)
+        batch.renders = dict(job.renders)
+        return batch
 
     # -- chat templates -------------------------------------------------------------------------
 
     def _apply(self, messages: list[dict[str, Any]], tools: Any = None, generation: bool = False) -> str:
         return render_chat_template(self.tok, messages, self.cfg, tools=tools, add_generation_prompt=generation)
 
-    def _skeleton(self, conv: Conversation) -> Skeleton:
+    @staticmethod
+    def _key(conv: Conversation) -> tuple:
         # Empty contents render as they are; a tool list is part of the fixed text.
         tools = None if conv.tools is None else json.dumps(conv.tools, sort_keys=True)
-        key = (tools, *((m["role"], not m["content"]) for m in conv.messages))
+        return (tools, *((m["role"], not m["content"]) for m in conv.messages))
+
+    def _skeleton(self, conv: Conversation, key: tuple | None = None) -> Skeleton:
+        key = self._key(conv) if key is None else key
         if key not in self._skeletons:
             if len(self._skeletons) > _SKELETON_CACHE:  # rows with tools of their own: bounded
                 self._skeletons.clear()
             self._skeletons[key] = Skeleton(lambda ms: self._apply(ms, conv.tools), list(conv.messages))
         return self._skeletons[key]
 
-    def _render(self, conv: Conversation) -> list[_Layout]:
+    def _render(self, conv: Conversation, index: int = 0) -> list[_Layout]:
         try:
-            if conv.is_plain:
+            plain = conv.is_plain
+            if plain and conv.tools is None and self.fast:
+                try:
+                    layout = self._render_fast(conv, index)
+                except Exception:  # the Jinja path below fails the same way, with its own message
+                    layout = None
+                if layout is not None:
+                    return [layout]
+            if plain:
+                self.renders["jinja"] += 1
                 text = self._apply(list(conv.messages), conv.tools)
                 skeleton = self._skeleton(conv)
                 return [_Layout(text, skeleton.spans(text, [m["content"] for m in conv.messages]))]
@@ -153,6 +177,32 @@ class Encoder:
             raise
         except Exception as e:  # a template's raise_exception(), a jinja error
             raise RowError("template_error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    def _render_fast(self, conv: Conversation, index: int) -> _Layout | None:
+        """The skeleton's pieces with the contents between them: the same text as Jinja for a template
+        that prints contents verbatim (prints_contents_verbatim), checked against Jinja on every role
+        pattern's first row, on one row in _CHECK_EVERY (seeded by the row index) and on every row with
+        --check-render; a mismatch renders that row, and its pattern from then on, with Jinja. None: Jinja."""
+        key = self._key(conv)
+        if self._fast_ok.get(key) is False:
+            return None
+        contents = [m["content"] for m in conv.messages]
+        made = substitute(self._skeleton(conv, key), contents)
+        if made is None:
+            return None
+        text, spans = made
+        if len(text) > 2 * sum(map(len, contents)) + self.cfg.field_chars_limit():
+            return None  # over the render size limit: Jinja's render drops it as template_error
+        check = self.cfg.check_render or key not in self._fast_ok or _sampled(index)
+        if check:
+            self.renders["checked"] += 1
+            if self._apply(list(conv.messages), conv.tools) != text:
+                self.renders["mismatch"] += 1
+                self._fast_ok[key] = False
+                return None
+            self._fast_ok[key] = True
+        self.renders["fast"] += 1
+        return _Layout(text, spans)
 
     # -- reasoning and tools: each trained turn as the model generates it ---------------------------
 
@@ -281,9 +331,8 @@ class Encoder:
         ids = np.asarray(enc.ids, dtype=np.int32)
         cats = np.zeros(len(ids), np.uint8)
         weights = None if conv.weights is None else np.ones(len(ids), np.float32)
-        ranges = [(msg, token_range(enc, a, b)) for msg, a, b in layout.spans if b > a]
-        ranges = [(msg, r) for msg, r in ranges if r is not None]
-        in_turns = {t[0] for t in layout.turns or ()}
+        ranges = [(msg, r) for msg, a, b in layout.spans if b > a and (r := token_range(enc, a, b)) is not None]
+        in_turns = {t[0] for t in layout.turns} if layout.turns else ()
         for k, (msg, (first, last)) in enumerate(ranges):
             if msg in in_turns:
                 continue
@@ -292,9 +341,9 @@ class Encoder:
             end = last + 1
             if trained and self.cfg.end_of_turn != "none":
                 limit = ranges[k + 1][1][0] if k + 1 < len(ranges) else len(ids)
-                is_special = self.is_special[ids[last + 1 : limit]]
-                if is_special.any():
-                    eot = last + 1 + int(is_special.argmax())
+                at = int(self.is_special[ids[last + 1 : limit]].argmax()) if limit > last + 1 else 0
+                if limit > last + 1 and self.is_special[ids[last + 1 + at]]:  # argmax: the first special token
+                    eot = last + 1 + at
                     start = last + 1 if self.cfg.end_of_turn == "eot+separator" else eot
                     cats[start : eot + 1] = COMPLETION
                     end = eot + 1
@@ -354,6 +403,11 @@ class Encoder:
             w_arr = None if conv.weights is None else np.asarray(weights, np.float32)
             out.append((np.asarray(ids, np.int32), np.asarray(cats, np.uint8), w_arr))
         return out
+
+
+def _sampled(index: int) -> bool:
+    """One row in _CHECK_EVERY, chosen by a hash of its index: the same rows whatever the batching."""
+    return (index * 0x9E3779B1 >> 7) % _CHECK_EVERY == 0
 
 
 def _not_rendered() -> RowError:

@@ -32,6 +32,7 @@ class EncodedBatch:
     dropped: list[tuple[int, str, int, RowError]] = field(default_factory=list)  # (index, file, row, error)
     weight: np.ndarray | None = None  # float32 [sum(lengths)]: per-message weight multipliers; None: all 1
     source: np.ndarray | None = None  # int16 [n]: source of each example in a mixture; None: one source
+    renders: dict[str, int] = field(default_factory=dict)  # how this chunk's chat rows were rendered (run.json)
 
     @property
     def rows(self) -> int:

@@ -57,7 +57,7 @@ class Conversation:
     @property
     def is_plain(self) -> bool:
         """Only plain messages (tools may be given): the one-render skeleton path can mask it (docs/chat.md)."""
-        return all(self.is_plain_message(i) for i in range(len(self.messages)))
+        return all(len(m) == 2 and isinstance(m["content"], str) and "</think>" not in m["content"] for m in self.messages)
 
 
 def reasoning_of(message: dict[str, Any]) -> str | None:
@@ -265,20 +265,23 @@ RESERVED = ("\ue000", "\ue001")
 
 def validate(conv: Conversation) -> Conversation:
     """Structural checks every template relies on; each failure is a named drop reason."""
-    roles = [r for r in conv.roles if r != "system"]
-    if "system" in conv.roles[1:]:
+    all_roles = conv.roles
+    roles = [r for r in all_roles if r != "system"]
+    if "system" in all_roles[1:]:
         raise RowError("bad_turn_order", "a system message may only come first")
     if "assistant" not in roles:
         raise RowError("no_assistant_turn", "nothing to train on")
     if roles[0] != "user":
         raise RowError("starts_with_assistant", "the first non-system turn must be the user's")
     # Consecutive same-role turns are the template's call: it raises if it refuses them.
+    nul, (r0, r1) = "\x00", RESERVED
     for i, m in enumerate(conv.messages):
         text = m["content"] or ""
-        for part in (text, *(m.get(k) or "" for k in REASONING_FIELDS)):
-            if "\x00" in part:
+        parts = (text,) if len(m) == 2 else (text, *(m.get(k) or "" for k in REASONING_FIELDS))  # role, content only
+        for part in parts:
+            if nul in part:
                 raise RowError("nul_byte", "content holds a NUL byte", field=f"messages[{i}]")
-            if any(c in part for c in RESERVED):
+            if r0 in part or r1 in part:
                 raise RowError("reserved_character", "content holds U+E000/U+E001", field=f"messages[{i}]")
         if not text.strip() and m["role"] in ("user", "assistant") and not m.get("tool_calls") and not reasoning_of(m):
             kind = "empty_completion" if m["role"] == "assistant" else "empty_prompt"
@@ -300,6 +303,8 @@ def iter_conversations(
 
 def row_too_large(record: dict[str, Any], limit: int) -> RowError | None:
     """A row holding a string over ``limit`` characters, found before any rendering or tokenizing."""
+    if all(type(x) is str and len(x) <= limit for x in record.values()):  # the common flat row, at once
+        return None
     stack: list[tuple[str, Any]] = list(record.items())
     while stack:
         name, x = stack.pop()

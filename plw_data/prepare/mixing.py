@@ -198,7 +198,7 @@ def prepare_mixture(
         "sources": sources,
     }
     shutil.rmtree(work / "stage-train", ignore_errors=True)
-    out.install(work, output, manifest, run_info(cfg, t0, mst.next_index, split_entries))
+    out.install(work, output, manifest, run_info(cfg, t0, mst.next_index, split_entries, bar.renders))
     return manifest
 
 

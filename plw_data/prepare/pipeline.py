@@ -43,6 +43,7 @@ class Progress:
                  every: float = 30.0):
         self.enabled = enabled
         self.rows = self.tokens = 0
+        self.renders: Counter = Counter()  # how chat rows were rendered (fast, checked, mismatch, jinja): run.json
         self.t0 = self._last = time.perf_counter()
         self._log, self._every = log, every
         self._bar = None
@@ -60,6 +61,7 @@ class Progress:
     def update(self, batch: EncodedBatch) -> None:
         self.rows += batch.rows
         self.tokens += int(batch.lengths.sum())
+        self.renders.update(batch.renders)
         if self._bar is not None:
             self._bar.update(self._task, description=self._line())
         elif self.enabled and time.perf_counter() - self._last >= self._every:
@@ -130,7 +132,7 @@ def plan_split(staged: StagedExamples, members: np.ndarray, cfg: DataConfig):
 
 def manifest_core(inputs: list[str], cfg: DataConfig, tok_fp: dict[str, Any]) -> dict[str, Any]:
     """The manifest's identity keys: what the data were made from."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "ray")}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "ray", "check_render")}
     return {
         "format_version": S.FORMAT_VERSION,
         "created_by": f"plw-data {__version__}",
@@ -183,11 +185,14 @@ def write_dropped(work: Path, dropped: list) -> Counter:
     return Counter(err.reason for *_, err in dropped)
 
 
-def run_info(cfg: DataConfig, t0: float, input_rows: int, split_entries: dict[str, Any]) -> dict[str, Any]:
+def run_info(
+    cfg: DataConfig, t0: float, input_rows: int, split_entries: dict[str, Any], renders: Counter | None = None
+) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     return {"num_proc": cfg.num_proc, "seconds": round(seconds, 3), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "rows_per_s": round(input_rows / seconds, 1),
-            "tokens_per_s": round(sum(e["tokens"] for e in split_entries.values()) / seconds, 1)}
+            "tokens_per_s": round(sum(e["tokens"] for e in split_entries.values()) / seconds, 1),
+            **({"renders": dict(sorted(renders.items()))} if renders else {})}
 
 
 def prepare(
@@ -287,5 +292,5 @@ def prepare(
     }
     for leftover in ("stage-train", "stage-eval"):
         shutil.rmtree(work / leftover, ignore_errors=True)
-    out.install(work, output, manifest, run_info(cfg, t0, n_train_rows + n_eval_rows, split_entries))
+    out.install(work, output, manifest, run_info(cfg, t0, n_train_rows + n_eval_rows, split_entries, bar.renders))
     return manifest

@@ -179,10 +179,14 @@ class Skeleton:
 
 def token_range(enc: Any, start: int, end: int) -> tuple[int, int] | None:
     """[first, last] tokens overlapping chars [start, end); None when none (content normalised away)."""
-    first = next((t for c in range(start, end) if (t := enc.char_to_token(c)) is not None), None)
+    first = enc.char_to_token(start)  # the common case at once; else the first char that has a token
     if first is None:
-        return None
-    last = next(t for c in range(end - 1, start - 1, -1) if (t := enc.char_to_token(c)) is not None)
+        first = next((t for c in range(start + 1, end) if (t := enc.char_to_token(c)) is not None), None)
+        if first is None:
+            return None
+    last = enc.char_to_token(end - 1)
+    if last is None:
+        last = next(t for c in range(end - 2, start - 1, -1) if (t := enc.char_to_token(c)) is not None)
     # Several tokens can share one char (byte fallback): widen to all that overlap.
     while first > 0 and enc.token_to_chars(first - 1)[1] > start:
         first -= 1
@@ -190,3 +194,79 @@ def token_range(enc: Any, start: int, end: int) -> tuple[int, int] | None:
     while last + 1 < n and enc.token_to_chars(last + 1)[0] < end:
         last += 1
     return first, last
+
+
+def prints_contents_verbatim(source: str) -> bool:
+    """Whether a chat template uses message contents only by printing them, whole or trimmed: every
+    ``x['content']`` / ``x.content`` (and every variable assigned from one) is printed, concatenated
+    (``+``, ``~``) or trimmed, never tested, compared, measured, split or passed to a call. Then a
+    rendering is the skeleton's fixed pieces with the contents put between them (docs/performance.md);
+    any other use (a template that branches on, rewrites or JSON-encodes contents) renders with Jinja."""
+    from jinja2 import Environment, nodes
+
+    try:
+        tree = Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+    except Exception:
+        return False
+    if "tojson" in source:  # whole messages serialised: contents escaped
+        return False
+    if any(n.attr in ("items", "values") for n in tree.find_all(nodes.Getattr)):  # contents reached by iteration
+        return False
+    parents: dict[int, nodes.Node] = {}
+    stack: list[nodes.Node] = [tree]
+    while stack:
+        node = stack.pop()
+        for child in node.iter_child_nodes():
+            parents[id(child)] = node
+            stack.append(child)
+
+    def printed(node: nodes.Node, names: set[str]) -> bool:
+        while True:
+            parent = parents.get(id(node))
+            if isinstance(parent, nodes.Output):
+                return True
+            if isinstance(parent, (nodes.Add, nodes.Concat)) or (
+                isinstance(parent, nodes.Filter) and parent.name == "trim" and parent.node is node and not parent.args
+            ):
+                node = parent
+                continue
+            if isinstance(parent, nodes.Assign) and parent.node is node and isinstance(parent.target, nodes.Name):
+                names.add(parent.target.name)
+                return True
+            return False
+
+    def is_content(node: nodes.Node) -> bool:
+        if isinstance(node, nodes.Getattr):
+            return node.attr == "content"
+        return isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+
+    names: set[str] = set()
+    if not all(printed(n, names) for n in tree.find_all((nodes.Getattr, nodes.Getitem)) if is_content(n)):
+        return False
+    checked: set[str] = set()
+    while names - checked:
+        name = (names - checked).pop()
+        checked.add(name)
+        loads = [n for n in tree.find_all(nodes.Name) if n.name == name and n.ctx == "load"]
+        if not all(printed(n, names) for n in loads):
+            return False
+    return True
+
+
+def substitute(skeleton: Skeleton, contents: list[str]) -> tuple[str, list[tuple[int, int, int]]] | None:
+    """The rendering as the skeleton's pieces with the contents between them, and each content's span;
+    None where that is not provably the template's text: a content left out, or outer whitespace the
+    template would strip (the whitespace probe) on a content that has some."""
+    if skeleton.missing:
+        return None
+    out, spans, pos = [skeleton.pieces[0]], [], len(skeleton.pieces[0])
+    for k, msg in enumerate(skeleton.order):
+        content = contents[msg]
+        lead, trail = skeleton.strip[msg]
+        if (lead and content[:1].isspace()) or (trail and content[-1:].isspace()):
+            return None
+        spans.append((msg, pos, pos + len(content)))
+        after = skeleton.pieces[k + 1]
+        out += (content, after)
+        pos += len(content) + len(after)
+    return "".join(out), spans
