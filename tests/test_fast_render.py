@@ -48,8 +48,10 @@ def test_rows_are_sampled_without_check_render() -> None:
 def test_content_dependent_template_falls_back_to_jinja() -> None:
     """A template the static check lets through but that rewrites contents: the first row of the
     pattern is rendered both ways, the mismatch is counted and the pattern renders with Jinja."""
+    import copy
+
     name = "smollm2-135m-instruct"
-    tok = load_tokenizer(name)
+    tok = copy.copy(load_tokenizer(name))  # the session's shared tokenizer keeps its own template
     tok.chat_template = "{{ messages | map(attribute='content') | map('upper') | join('|') }}"
     assert prints_contents_verbatim(tok.chat_template)
     enc = Encoder(tok, DataConfig(tokenizer=name))
