@@ -138,6 +138,18 @@ def test_zero3_equals_zero0(tmp_path, tiny_model, race_dir, big_batch_run):
     assert_same_weights(saved_weights(tmp_path / "out" / "last"), big_weights)
 
 
+def test_one_rank_zero0_does_not_reduce_gradients(tmp_path, tiny_model, race_dir, big_batch_run, monkeypatch):
+    """Alone, ZeRO 0 skips DeepSpeed's flatten/all-reduce/copy of every gradient; the update is unchanged."""
+    from plw_data.train.trainer import Trainer
+
+    trainer = Trainer(make_config(tiny_model, race_dir, tmp_path / "out", max_steps=2, micro_batch_size=4, lora=False))
+    calls = []
+    monkeypatch.setattr(trainer.engine, "buffered_allreduce_fallback", lambda *a, **k: calls.append(1))
+    events = trainer.run()
+    assert calls == []
+    assert train_losses(events) == pytest.approx(train_losses(big_batch_run[0]), rel=1e-6)
+
+
 # --------------------------------------------------------------------------- eval
 
 

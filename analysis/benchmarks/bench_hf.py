@@ -5,7 +5,7 @@ GGUF into a plain HF folder once (``plw-data convert-gguf``; or give ``--model F
 each trainer in a fresh subprocess: LoRA r16 on all linear layers, fp32, ``--micro`` rows x
 ``--accum`` micro-batches per update, one epoch over the rows (``rows = steps * micro * accum``),
 no eval. Reported per trainer: seconds per update after the first (the first pays one-time
-costs), tokens/s over those updates, the process's peak RSS, and the wall time from start to exit.
+costs), tokens/s over those updates, the process's peak RSS, and the wall and CPU time from start to exit.
 
     python analysis/benchmarks/bench_hf.py [--rows 24] [--max-length 256] [--micro 2] [--accum 2]
         [--threads 2] [--json OUT]
@@ -56,7 +56,7 @@ def train_config(a: argparse.Namespace, out: Path):
 
 
 def child(a: argparse.Namespace) -> dict:
-    """One trainer, in this process: update end times (seconds since the loop began)."""
+    """One trainer, in this process: update end times (wall and process CPU seconds since the loop began)."""
     import torch
 
     torch.set_num_threads(a.threads)
@@ -65,7 +65,8 @@ def child(a: argparse.Namespace) -> dict:
     if a.kind == "plw-train":
         from plw_data.train import train
 
-        events = train(cfg)
+        c0, cpu = time.process_time(), []
+        events = train(cfg, on_event=lambda e: cpu.append(time.process_time() - c0) if "train_loss" in e else None)
         ends = [e["elapsed_s"] for e in events if "train_loss" in e]
         losses = [e["train_loss"] for e in events if "train_loss" in e]
     else:
@@ -90,13 +91,15 @@ def child(a: argparse.Namespace) -> dict:
         else:
             from transformers import TrainingArguments as Args
         ends: list[float] = []
+        cpu: list[float] = []
 
         class Clock(TrainerCallback):
             def on_train_begin(self, *args, **kwargs):
-                self.t0 = time.time()
+                self.t0, self.c0 = time.time(), time.process_time()
 
             def on_step_end(self, *args, **kwargs):
                 ends.append(time.time() - self.t0)
+                cpu.append(time.process_time() - self.c0)
 
         cls = hf.PLWSFTTrainer if a.kind == "PLWSFTTrainer" else hf.PLWTrainer
         trainer = cls(
@@ -106,21 +109,30 @@ def child(a: argparse.Namespace) -> dict:
         )  # fmt: skip
         trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"ends": ends, "losses": losses, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"ends": ends, "cpu": cpu, "losses": losses, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def summarise(kind: str, res: dict, tokens_per_update: float, wall: float) -> dict:
+def summarise(kind: str, res: dict, tokens_per_update: float, wall: float, cpu: float) -> dict:
     ends = res["ends"]
     per_update = (ends[-1] - ends[0]) / (len(ends) - 1)
+    cpu_per_update = (res["cpu"][-1] - res["cpu"][0]) / (len(ends) - 1)
     return {
         "trainer": kind,
         "seconds_per_update": round(per_update, 3),
         "tokens_per_second": round(tokens_per_update / per_update, 1),
+        "cpu_seconds_per_update": round(cpu_per_update, 3),
         "first_update_seconds": round(ends[0], 2),
         "peak_rss_gb": round(res["peak_rss_gb"], 2),
         "process_seconds": round(wall, 1),
+        "process_cpu_seconds": round(cpu, 1),
         "losses": res["losses"],
     }
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished children (contention inflates wall time more than this)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -164,13 +176,13 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--kind", kind, "--data", str(data), "--out", str(tmp / f"{i}-{kind}"),
                    "--model", str(model), "--steps", str(steps), "--micro", str(a.micro), "--accum", str(a.accum),
                    "--threads", str(a.threads)]  # fmt: skip
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _children_cpu()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
             if proc.returncode != 0:
                 sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
             line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-            results.append(summarise(kind, json.loads(line[len("RESULT ") :]), tokens_per_update, wall))
+            results.append(summarise(kind, json.loads(line[len("RESULT ") :]), tokens_per_update, wall, cpu))
             print(json.dumps(results[-1]))
     setup = {"rows": rows, "steps": steps, "micro": a.micro, "accum": a.accum, "max_length": a.max_length,
              "threads": a.threads, "model": str(a.model or GGUF), "lora_r": 16, "dtype": "fp32"}  # fmt: skip

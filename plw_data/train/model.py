@@ -172,6 +172,10 @@ def build_engine(module, model, cfg: TrainConfig, ds_config: dict[str, Any], tot
         model_parameters=params if optimizer is None else None,
         config=ds_config,
     )
+    if engine.zero_optimization_stage() == 0 and torch.distributed.get_world_size() == 1:
+        # Alone, ZeRO 0 would still flatten every gradient into one buffer, "all-reduce" it over one
+        # rank and copy it back at each update: a transient copy of all trainable gradients, for nothing.
+        engine.enable_backward_allreduce = False
     if engine.zero_optimization_stage() == 3:
         # The loss reads the lm_head weight outside the head's forward: make ZeRO-3 gather it
         # for the whole wrapper (the fused loss needs no weight in backward).
