@@ -44,7 +44,7 @@ import transformers
 
 from .batch.collate import PLWCollator, model_inputs
 from .batch.loss import token_ce_and_argmax, weighted_ce_sum
-from .batch.metrics import N_SUMS, eval_sums, metrics_from_sums
+from .batch.metrics import N_SUMS, eval_sums, eval_sums_by_source, metrics_by_source, metrics_from_sums
 from .errors import ConfigError
 from .train.data import closing_ids, target_weight
 from .train.model import check_plain_logits, decoder_and_head
@@ -120,6 +120,7 @@ class PLWTrainerMixin:
             emit_cu_seqlens=collator.emit_cu_seqlens,
             return_example_ids=True,
         )
+        self.eval_source_names = list(collator.sources or ())  # a mixture: metrics per source too
         self._logits_to_keep = "logits_to_keep" in _forward_parameters(model)
 
     def _default_args(self) -> Any:
@@ -217,6 +218,8 @@ class PLWTrainerMixin:
         _, head = decoder_and_head(model)
         closing = torch.tensor(closing_ids(model.config, self.processing_class), dtype=torch.long, device=device)
         sums = torch.zeros(N_SUMS, dtype=torch.float64, device=device)
+        names = self.eval_source_names
+        by_source = torch.zeros((len(names), N_SUMS), dtype=torch.float64, device=device)
         was_training = model.training
         model.eval()
         try:
@@ -231,11 +234,14 @@ class PLWTrainerMixin:
                 )
                 on = [batch[k] for k in ("labels", "category", "example_id", "input_ids")]
                 sums += eval_sums(ce, correct, *on, closing)
+                if names and "source_id" in batch:
+                    by_source += eval_sums_by_source(ce, correct, *on, closing, batch["source_id"], len(names))
         finally:
             model.train(was_training)
         if world > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
-        return metrics_from_sums(sums)
+            by_source = self.accelerator.reduce(by_source, reduction="sum")
+        return {**metrics_from_sums(sums), **(metrics_by_source(by_source, names) if names else {})}
 
 
 def _forward_parameters(model) -> set[str]:

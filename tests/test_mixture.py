@@ -379,3 +379,29 @@ def test_rg_stats_reports_each_source_and_loss_shares_under_a_plw_map(tmp_path: 
         assert row["plw"] == pytest.approx(0.3 / 0.7 * row["rg"])
     with pytest.raises(ConfigError, match="unknown source"):
         run([str(tmp_path / "data")], DataConfig(), RgOptions(plw="nope=1"), quiet=True)
+
+
+def test_plw_trainer_on_a_mixture_weighs_and_reports_each_source(tmp_path: Path, tiny_model: Path) -> None:
+    """transformers' Trainer through PLWTrainer: a PLW per source from PLWCollator.for_prepared, and the
+    eval metrics per source plw-train reports."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from plw_data.batch.collate import PLWCollator
+    from plw_data.hf import PLWTrainer
+
+    mix = three_sources(tmp_path, race={"rows": 12}, alpaca={"rows": 6}, gsm8k={"rows": 6})
+    assert run_prepare(mix, tmp_path / "data").returncode == 0
+    ds = datasets.load_from_disk(str(tmp_path / "data"))
+    collate = PLWCollator.for_prepared(tmp_path / "data", prompt_loss_weight={"race": 0.01, "alpaca": 1.0, "gsm8k": 0.5})
+    assert collate.sources == ("race", "alpaca", "gsm8k")
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    trainer = PLWTrainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["eval"], data_collator=collate)
+    trainer.train()
+    ev = trainer.evaluate()
+    for name in ("race", "gsm8k"):
+        assert ev[f"eval_completion_loss/{name}"] > 0 and ev[f"eval_examples/{name}"] > 0
+    assert sum(ev.get(f"eval_examples/{n}", 0) for n in ("race", "alpaca", "gsm8k")) == ev["eval_examples"]

@@ -54,6 +54,7 @@ import itertools
 import math
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,12 @@ class PLWCollator:
         self.emit_cu_seqlens = emit_cu_seqlens
         self.return_example_ids = return_example_ids
         self.return_attention_mask = return_attention_mask
+
+    @classmethod
+    def for_prepared(cls, directory: str | Path, **kwargs: Any) -> PLWCollator:
+        """A collator for a prepared DIR: ``sources`` (for a PLW per source) from its manifest, in order."""
+        sources = S.read_manifest(directory).get("sources")
+        return cls(**{"sources": list(sources) if sources else None, **kwargs})
 
     def set_weights(self, prompt_loss_weight: float | Mapping[str, float], template_weight: float | Mapping[str, float] | None = None,
                     completion_weight: float = 1.0, reasoning_weight: float | None = None) -> None:
