@@ -19,7 +19,7 @@ from plw_data.errors import PLWError
 from plw_data.prepare.encoded import EncodedBatch
 from plw_data.prepare.pack import plan_packing
 from plw_data.prepare.shards import Stage, write_split
-from plw_data.prepare.verify import check_split
+from plw_data.prepare.verify_rows import check_split
 
 T, P, C, R = S.TEMPLATE, S.PROMPT, S.COMPLETION, S.REASONING
 
