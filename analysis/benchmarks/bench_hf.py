@@ -14,7 +14,6 @@ costs), tokens/s over those updates, the process's peak RSS, and the wall and CP
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
@@ -24,23 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data"
-GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from bench_train import GGUF, REPO, prepare  # this folder is on sys.path when run as a script
+
 KINDS = ("plw-train", "PLWTrainer", "PLWSFTTrainer")
-
-
-def prepare(out: Path, rows: int, max_length: int) -> Path:
-    from plw_data.config import DataConfig, build_config, load_recipe
-    from plw_data.prepare.pipeline import prepare as run
-
-    raw = out / "race.jsonl"
-    with gzip.open(DATA / "race" / "train.jsonl.gz", "rt", encoding="utf-8") as f:
-        raw.write_text("".join(next(f) for _ in range(rows)), encoding="utf-8")
-    overrides = {"tokenizer": str(DATA / "tokenizers" / "smollm2-135m-instruct"), "max_length": max_length}
-    cfg = build_config(DataConfig, load_recipe(REPO / "recipes" / "race.yaml"), overrides)
-    run([str(raw)], cfg, out / "data", progress=False, log=lambda *a, **k: None)
-    return out / "data"
 
 
 def train_config(a: argparse.Namespace, out: Path):
