@@ -405,3 +405,18 @@ def test_plw_trainer_on_a_mixture_weighs_and_reports_each_source(tmp_path: Path,
     for name in ("race", "gsm8k"):
         assert ev[f"eval_completion_loss/{name}"] > 0 and ev[f"eval_examples/{name}"] > 0
     assert sum(ev.get(f"eval_examples/{n}", 0) for n in ("race", "alpaca", "gsm8k")) == ev["eval_examples"]
+
+
+def test_a_failed_mixture_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    """--on-error fail on the malformed RACE row, and a mixture whose templates name missing fields:
+    one line, exit 2, and neither .plw-tmp nor the output folder the run created is left."""
+    mix = three_sources(tmp_path, race={"rows": 10}, alpaca={"rows": 5}, gsm8k={"rows": 5})
+    res = run_prepare(mix, tmp_path / "out", "--on-error", "fail")
+    assert res.returncode == 2 and "race.jsonl: line 21" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"sources": [{"name": "race", "inputs": [str(tmp_path / "race.jsonl")],
+                                            "prompt_template": "{nope}", "completion_template": "{answer}", "rows": 5}]}))
+    res = run_prepare(bad, tmp_path / "out2")
+    assert res.returncode == 2 and "no row kept" in res.stderr and "missing_field" in res.stderr
+    assert not (tmp_path / "out2").exists()

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import schema as S
 from ..config import DataConfig
 from ..errors import ConfigError, PLWError, RowError
 from ..tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -25,17 +24,15 @@ from .encode import Encoder
 from .encoded import EncodedBatch
 from .encoding import encoded_batches
 from .mixture import eval_members, load_mixture, plan_mixture, rg
-from .pipeline import Progress, already_prepared, manifest_core, plan_split, run_info, write_dropped
+from .pipeline import Progress, already_prepared, manifest_core, nothing_kept, plan_split, run_info, write_dropped
+from .sources import row_label
 from .shards import Stage, StagedExamples, write_split
 
 
 def _category_counts(batch: EncodedBatch) -> np.ndarray:
     """[n, 3] template/prompt/completion tokens per example (reasoning tokens are completion)."""
-    if not len(batch.lengths):
-        return np.zeros((0, 3), np.int64)
-    starts = np.concatenate(([0], np.cumsum(batch.lengths)[:-1]))
-    cat = np.minimum(batch.category, S.COMPLETION)
-    return np.stack([np.add.reduceat((cat == c).astype(np.int64), starts) for c in (S.TEMPLATE, S.PROMPT, S.COMPLETION)], 1)
+    c = batch.counts()
+    return np.stack([c.template, c.prompt, c.completion], 1)
 
 
 def _tokens(counts: np.ndarray) -> dict[str, int]:
@@ -61,7 +58,7 @@ class _MixStage:
         for batch in encoded_batches(list(files), cfg, tok, start_index=self.next_index, per_file=per_file):
             if batch.dropped and cfg.on_error == "fail":
                 _, file, row, err = batch.dropped[0]
-                raise PLWError(err.located(file, row))
+                raise PLWError(err.located(file, row_label(file, row)))
             batch.source = np.full(len(batch.lengths), source, np.int16)
             self.stage.append(batch)
             self.counts.append(_category_counts(batch))
@@ -114,8 +111,18 @@ def prepare_mixture(
     done = already_prepared(output, core, cfg, overwrite, log)
     if done is not None:
         return done
+    fresh = not output.exists()
     work = out.begin(output)
+    try:
+        return _run(mix, cfg, cfgs, tok, files, core, work, output, t0, progress, log)
+    except PLWError:
+        out.discard(work, output, remove_output=fresh)
+        raise
 
+
+def _run(mix: Any, cfg: DataConfig, cfgs: list[DataConfig], tok: Any, files: list[str], core: dict[str, Any],
+         work: Path, output: Path, t0: float, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Encode, take the shares, pack and write: the part of a mixture run that has a work folder."""
     bar = Progress(progress)
     mst = _MixStage(Stage(work / "stage-train"), bar)
     layout = []  # per source: (first staged position, train-input examples, eval-input examples, index range)
@@ -128,6 +135,8 @@ def prepare_mixture(
     finally:
         bar.close()
     staged = mst.stage.close()
+    if not len(staged.lengths):
+        raise ConfigError(nothing_kept(mst.next_index, mst.dropped))
     counts = np.concatenate(mst.counts) if mst.counts else np.zeros((0, 3), np.int64)
 
     pools, evals = [], []
@@ -173,8 +182,7 @@ def prepare_mixture(
     splits = {"train": np.concatenate(train_members)}
     if any(len(e) for e in evals):
         splits["eval"] = np.concatenate(evals)
-    needed = staged.optional_columns()
-    optional = tuple(c for c in S.OPTIONAL_COLUMNS if c in needed)
+    optional = staged.optional_columns()
     split_entries = {}
     for name, members in splits.items():
         plan = plan_split(staged, members, cfg)
