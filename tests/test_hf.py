@@ -394,8 +394,6 @@ def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(
 def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, race_dir, reference):
     """PLWTrainer, 2 ranks x micro-batch 1 x accumulation 2 (gloo, CPU) = plw-train 1 rank x 1 x 4: losses,
     weights, and the eval metrics after training (eval rows split over the ranks, sums all-reduced)."""
-    from plw_data.train.distributed import free_port
-
     ref_losses, ref_weights, ref_events = reference(False, 1, 4)
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -403,7 +401,7 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, race_dir,
         env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port chosen by torchrun itself
         __file__, "--model", str(tiny_model), "--data", str(race_dir), "--out", str(out), "--micro", "1", "--accum", "2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -34,12 +34,10 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, race_dir, big_batch_run):
     """2 ranks x micro-batch 2 (gloo, CPU) = 1 rank x micro-batch 4: same losses, same weights."""
-    from plw_data.train.distributed import free_port
-
     big_events, big_weights = big_batch_run
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port chosen by torchrun itself
         "-m", "plw_data.cli.train", "--model", str(tiny_model), "--data", str(race_dir), "--output", str(out),
         "--max-steps", "2", "--micro-batch-size", "2", "--no-lora", "--dtype", "fp32", "--learning-rate", "1e-3",
         "--warmup-ratio", "0", "--no-progress",
