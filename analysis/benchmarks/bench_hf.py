@@ -1,4 +1,5 @@
-"""plw-train vs PLWTrainer vs PLWSFTTrainer: the same loss, rows, model and LoRA; tokens/s and peak RSS.
+"""plw-train vs PLWTrainer vs PLWSFTTrainer vs a hand-written Trainer subclass: the same loss, rows,
+model and LoRA; tokens/s and peak RSS.
 
 Prepares ``--rows`` RACE train questions (recipes/race.yaml, ``--max-length``), turns the SmolLM2
 GGUF into a plain HF folder once (``plw-data convert-gguf``; or give ``--model FOLDER``), then runs
@@ -7,8 +8,14 @@ each trainer in a fresh subprocess: LoRA r16 on all linear layers, fp32, ``--mic
 no eval. Reported per trainer: seconds per update after the first (the first pays one-time
 costs), tokens/s over those updates, the process's peak RSS, and the wall and CPU time from start to exit.
 
+``hand-written`` is what a user writes without plw_data.hf: a ``transformers.Trainer`` subclass
+with ``PLWCollator`` and ``weighted_ce_sum``, Σw over the accumulation window from
+``get_batch_samples`` (see :func:`hand_written_trainer`). ``--repeats R`` runs the kinds in turn R
+times (interleaved, so a busy spell on a shared machine hits every kind) and reports each kind's
+median run.
+
     python analysis/benchmarks/bench_hf.py [--rows 24] [--max-length 256] [--micro 2] [--accum 2]
-        [--threads 2] [--json OUT]
+        [--threads 2] [--repeats 1] [--json OUT]
 """
 
 from __future__ import annotations
@@ -25,7 +32,32 @@ from pathlib import Path
 
 from bench_train import GGUF, REPO, prepare  # this folder is on sys.path when run as a script
 
-KINDS = ("plw-train", "PLWTrainer", "PLWSFTTrainer")
+KINDS = ("plw-train", "PLWTrainer", "PLWSFTTrainer", "hand-written")
+
+
+def hand_written_trainer():
+    """The subclass a user writes by hand: the decoder's hidden states into ``weighted_ce_sum``,
+    divided by Σw of the accumulation window (summed in ``get_batch_samples``, which Trainer passes
+    on as ``num_items_in_batch``); ``remove_unused_columns=False`` keeps the collator's fields."""
+    import torch
+    from transformers import Trainer
+
+    from plw_data import weighted_ce_sum
+
+    class HandWritten(Trainer):
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+            total = sum(float((b["loss_weights"][:, 1:] * (b["labels"][:, 1:] != -100)).sum()) for b in batches)
+            return batches, torch.tensor(total)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            decoder = model.get_base_model().get_decoder()
+            hidden = decoder(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False)
+            head = model.get_output_embeddings()
+            ce = weighted_ce_sum(hidden.last_hidden_state, head.weight, inputs["labels"], inputs["loss_weights"])
+            return ce / num_items_in_batch
+
+    return HandWritten
 
 
 def train_config(a: argparse.Namespace, out: Path):
@@ -75,6 +107,8 @@ def child(a: argparse.Namespace) -> dict:
             from trl import SFTConfig as Args
         else:
             from transformers import TrainingArguments as Args
+        if a.kind == "hand-written":
+            kw["remove_unused_columns"] = False
         ends: list[float] = []
         cpu: list[float] = []
 
@@ -86,7 +120,7 @@ def child(a: argparse.Namespace) -> dict:
                 ends.append(time.time() - self.t0)
                 cpu.append(time.process_time() - self.c0)
 
-        cls = hf.PLWSFTTrainer if a.kind == "PLWSFTTrainer" else hf.PLWTrainer
+        cls = {"PLWSFTTrainer": hf.PLWSFTTrainer, "PLWTrainer": hf.PLWTrainer}.get(a.kind) or hand_written_trainer()
         trainer = cls(
             model=model, args=Args(**kw), train_dataset=load_from_disk(str(Path(a.data) / "train")),
             data_collator=PLWCollator(prompt_loss_weight=0.1), processing_class=load_tokenizer(str(a.model)),
@@ -130,6 +164,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--repeats", type=int, default=1, help="run the kinds in turn this many times; report medians")
     # child mode
     p.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -156,8 +191,8 @@ def main() -> None:
             model = convert_gguf(GGUF, tmp / "smollm2")
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        results = []
-        for i, kind in enumerate(a.kinds):  # a kind may repeat (interleaved repeats on a shared machine)
+        runs = []
+        for i, kind in enumerate(a.kinds * a.repeats):  # interleaved repeats on a shared machine
             cmd = [sys.executable, __file__, "--kind", kind, "--data", str(data), "--out", str(tmp / f"{i}-{kind}"),
                    "--model", str(model), "--steps", str(steps), "--micro", str(a.micro), "--accum", str(a.accum),
                    "--threads", str(a.threads)]  # fmt: skip
@@ -167,16 +202,33 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
             line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-            results.append(summarise(kind, json.loads(line[len("RESULT ") :]), tokens_per_update, wall, cpu))
-            print(json.dumps(results[-1]))
+            runs.append(summarise(kind, json.loads(line[len("RESULT ") :]), tokens_per_update, wall, cpu))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "losses"}), flush=True)
+    results = [median_run([r for r in runs if r["trainer"] == kind]) for kind in dict.fromkeys(a.kinds)]
     setup = {"rows": rows, "steps": steps, "micro": a.micro, "accum": a.accum, "max_length": a.max_length,
-             "threads": a.threads, "model": str(a.model or GGUF), "lora_r": 16, "dtype": "fp32"}  # fmt: skip
+             "threads": a.threads, "model": str(a.model or GGUF), "lora_r": 16, "dtype": "fp32",
+             "repeats": a.repeats}  # fmt: skip
     base = results[0]
     for r in results:
         r["tokens_per_second_vs_first"] = round(r["tokens_per_second"] / base["tokens_per_second"], 3)
         r["peak_rss_vs_first"] = round(r["peak_rss_gb"] / base["peak_rss_gb"], 3)
+    for r in results:
+        print(f"{r['trainer']:14s} {r['tokens_per_second']:7.1f} tokens/s ({r['tokens_per_second_vs_first']:.3f}x)"
+              f"  peak RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_vs_first']:.3f}x)")
     if a.json:
-        a.json.write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
+        a.json.write_text(json.dumps({"setup": setup, "results": results, "runs": runs}, indent=2) + "\n")
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One kind's runs summed up by medians (tokens/s, peak RSS and the rest), with every run's values listed."""
+    import statistics
+
+    out = dict(runs[len(runs) // 2])
+    for key in ("seconds_per_update", "tokens_per_second", "cpu_seconds_per_update", "peak_rss_gb", "process_seconds", "process_cpu_seconds"):
+        out[key] = round(statistics.median(r[key] for r in runs), 3)
+    out["tokens_per_second_runs"] = [r["tokens_per_second"] for r in runs]
+    out["peak_rss_gb_runs"] = [r["peak_rss_gb"] for r in runs]
+    return out
 
 
 if __name__ == "__main__":
