@@ -118,8 +118,20 @@ def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - run_starts, lengths) + np.arange(total, dtype=np.int64)
 
 
+#: numpy dtype of each Arrow type the shards hold
+_NUMPY = {pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64, pa.uint8(): np.uint8, pa.float32(): np.float32}
+
+
+def _array(values: np.ndarray, t: pa.DataType) -> pa.Array:
+    """An Arrow array over ``values``' buffer, built from buffers: ``pa.array`` on a numpy array imports
+    pandas (0.2 s of start-up) to ask whether it is a pandas object."""
+    if t == pa.bool_():
+        return pa.Array.from_buffers(t, len(values), [None, pa.py_buffer(np.packbits(values, bitorder="little"))])
+    return pa.Array.from_buffers(t, len(values), [None, pa.py_buffer(np.ascontiguousarray(values, dtype=_NUMPY[t]))])
+
+
 def _list(offsets: np.ndarray, values: np.ndarray, t: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=t))
+    return pa.ListArray.from_arrays(_array(offsets, pa.int32()), _array(values, t))
 
 
 def _weight_list(token_offsets: np.ndarray, weights: np.ndarray) -> pa.Array:
@@ -130,7 +142,7 @@ def _weight_list(token_offsets: np.ndarray, weights: np.ndarray) -> pa.Array:
     keep = np.repeat(~unit, row_len)
     offsets = np.concatenate(([0], np.cumsum(np.where(unit, 0, row_len))))
     return pa.ListArray.from_arrays(
-        pa.array(offsets.astype(np.int32)), pa.array(weights[keep], type=pa.float32()), mask=pa.array(unit)
+        _array(offsets, pa.int32()), _array(weights[keep], pa.float32()), mask=_array(unit, pa.bool_())
     )
 
 
