@@ -14,8 +14,15 @@ with ``PLWCollator`` and ``weighted_ce_sum``, Σw over the accumulation window f
 times (interleaved, so a busy spell on a shared machine hits every kind) and reports each kind's
 median run.
 
+Peak RSS under glibc's default allocator depends on the order of allocations (freed activation
+memory is kept, and reused or not), so it moves by ±0.1 GB between identical runs. ``--live-memory``
+adds one run per kind with ``MALLOC_MMAP_THRESHOLD_=1048576`` (every allocation of 1 MiB or more is
+mapped and unmapped at once, so RSS follows the live bytes) over ``--live-steps`` updates:
+``peak_live_rss_gb``, the steadier measure of memory (its per-update time is not reported: the page
+faults slow every trainer alike).
+
     python analysis/benchmarks/bench_hf.py [--rows 24] [--max-length 256] [--micro 2] [--accum 2]
-        [--threads 2] [--repeats 1] [--json OUT]
+        [--threads 2] [--repeats 1] [--live-memory] [--json OUT]
 """
 
 from __future__ import annotations
@@ -131,7 +138,7 @@ def child(a: argparse.Namespace) -> dict:
     return {"ends": ends, "cpu": cpu, "losses": losses, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def summarise(kind: str, res: dict, tokens_per_update: float, wall: float, cpu: float) -> dict:
+def summarise(kind: str, res: dict, wall: float, cpu: float, tokens_per_update: float) -> dict:
     ends = res["ends"]
     per_update = (ends[-1] - ends[0]) / (len(ends) - 1)
     cpu_per_update = (res["cpu"][-1] - res["cpu"][0]) / (len(ends) - 1)
@@ -165,6 +172,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--repeats", type=int, default=1, help="run the kinds in turn this many times; report medians")
+    p.add_argument("--live-memory", action="store_true", help="one more run per kind with RSS following live bytes")
+    p.add_argument("--live-steps", type=int, default=4)
     # child mode
     p.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -191,30 +200,46 @@ def main() -> None:
             model = convert_gguf(GGUF, tmp / "smollm2")
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        runs = []
-        for i, kind in enumerate(a.kinds * a.repeats):  # interleaved repeats on a shared machine
+
+        def run(i: int, kind: str, n_steps: int, extra_env: dict[str, str]) -> tuple[dict, float, float]:
             cmd = [sys.executable, __file__, "--kind", kind, "--data", str(data), "--out", str(tmp / f"{i}-{kind}"),
-                   "--model", str(model), "--steps", str(steps), "--micro", str(a.micro), "--accum", str(a.accum),
+                   "--model", str(model), "--steps", str(n_steps), "--micro", str(a.micro), "--accum", str(a.accum),
                    "--threads", str(a.threads)]  # fmt: skip
             t0, c0 = time.perf_counter(), _children_cpu()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            proc = subprocess.run(cmd, env={**env, **extra_env}, capture_output=True, text=True)
             wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
             if proc.returncode != 0:
                 sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
             line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-            runs.append(summarise(kind, json.loads(line[len("RESULT ") :]), tokens_per_update, wall, cpu))
+            return json.loads(line[len("RESULT ") :]), wall, cpu
+
+        runs = []
+        for i, kind in enumerate(a.kinds * a.repeats):  # interleaved repeats on a shared machine
+            runs.append(summarise(kind, *run(i, kind, steps, {}), tokens_per_update))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "losses"}), flush=True)
+        live = {}
+        if a.live_memory:
+            for i, kind in enumerate(dict.fromkeys(a.kinds)):
+                res, _, _ = run(1000 + i, kind, min(a.live_steps, steps), {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+                live[kind] = round(res["peak_rss_gb"], 3)
+                print(f"{kind}: live peak RSS {live[kind]} GB", flush=True)
     results = [median_run([r for r in runs if r["trainer"] == kind]) for kind in dict.fromkeys(a.kinds)]
+    for r in results:
+        if r["trainer"] in live:
+            r["peak_live_rss_gb"] = live[r["trainer"]]
     setup = {"rows": rows, "steps": steps, "micro": a.micro, "accum": a.accum, "max_length": a.max_length,
              "threads": a.threads, "model": str(a.model or GGUF), "lora_r": 16, "dtype": "fp32",
-             "repeats": a.repeats}  # fmt: skip
+             "repeats": a.repeats, "live_steps": a.live_steps if a.live_memory else None}  # fmt: skip
     base = results[0]
     for r in results:
         r["tokens_per_second_vs_first"] = round(r["tokens_per_second"] / base["tokens_per_second"], 3)
         r["peak_rss_vs_first"] = round(r["peak_rss_gb"] / base["peak_rss_gb"], 3)
+        if "peak_live_rss_gb" in r:
+            r["peak_live_rss_vs_first"] = round(r["peak_live_rss_gb"] / base["peak_live_rss_gb"], 3)
     for r in results:
         print(f"{r['trainer']:14s} {r['tokens_per_second']:7.1f} tokens/s ({r['tokens_per_second_vs_first']:.3f}x)"
-              f"  peak RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_vs_first']:.3f}x)")
+              f"  peak RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_vs_first']:.3f}x)"
+              + (f"  live {r['peak_live_rss_gb']:.3f} GB ({r['peak_live_rss_vs_first']:.3f}x)" if "peak_live_rss_gb" in r else ""))
     if a.json:
         a.json.write_text(json.dumps({"setup": setup, "results": results, "runs": runs}, indent=2) + "\n")
 
