@@ -150,6 +150,34 @@ def test_one_rank_zero0_does_not_reduce_gradients(tmp_path, tiny_model, race_dir
     assert train_losses(events) == pytest.approx(train_losses(big_batch_run[0]), rel=1e-6)
 
 
+def test_tokenizer_not_kept_through_training_and_checkpoints_carry_its_files(tmp_path, tiny_model, race_dir, monkeypatch):
+    """The run's tokenizer is needed at start (closing ids) and in each checkpoint, as files: the object
+    itself (46 MB of live memory for SmolLM2's) is released before training."""
+    import gc
+    import weakref
+
+    import plw_data.train.trainer as trainer_module
+
+    loaded = []
+
+    def run_tokenizer(cfg):
+        tok = real(cfg)
+        loaded.append((weakref.ref(tok), tok.backend_tokenizer.to_str(), tok.chat_template))
+        return tok
+
+    real = trainer_module.run_tokenizer
+    monkeypatch.setattr(trainer_module, "run_tokenizer", run_tokenizer)
+    trainer = trainer_module.Trainer(make_config(tiny_model, race_dir, tmp_path / "out", max_steps=1))
+    gc.collect()
+    (ref, backend, template), = loaded
+    assert ref() is None
+    trainer.run()
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "last"))
+    assert (saved.backend_tokenizer.to_str(), saved.chat_template) == (backend, template)
+
+
 # --------------------------------------------------------------------------- eval
 
 

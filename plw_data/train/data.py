@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +73,6 @@ def model_kwargs(batch, device, *, with_weights: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- special tokens
 
 
-def closing_token_ids(cfg: TrainConfig, model_config) -> list[int]:
-    """Ids of special tokens that may close a completion (left out of answer accuracy)."""
-    return closing_ids(model_config, run_tokenizer(cfg))
-
-
 def closing_ids(model_config, tok) -> list[int]:
     """EOS ids of the model (config, generation config) and the special ids of ``tok`` (may be None)."""
     ids: set[int] = set()
@@ -103,21 +97,27 @@ def _tokenizer_source(cfg: TrainConfig) -> str:
     return name if isinstance(name, str) and Path(name).exists() else str(cfg.model)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(spec: str):
-    from ..tokenizer import load_tokenizer
-
-    return load_tokenizer(spec, fast=False)
-
-
 def run_tokenizer(cfg: TrainConfig):
     """The run's tokenizer (see ``--tokenizer``), or None when none loads."""
+    from ..tokenizer import load_tokenizer
+
     try:
-        return _cached_tokenizer(_tokenizer_source(cfg))
+        return load_tokenizer(_tokenizer_source(cfg), fast=False)
     except PLWError:
         if cfg.tokenizer:
             raise ConfigError(f"--tokenizer {cfg.tokenizer}: cannot load a tokenizer") from None
         return None
+
+
+def tokenizer_files(tok) -> dict[str, bytes]:
+    """The files ``tok.save_pretrained`` writes, as bytes: each checkpoint gets them without the
+    tokenizer itself (46 MB of live memory for SmolLM2's, more for larger vocabularies) staying
+    alive through training."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
 def eval_sources(eval_dir: Path) -> tuple[list[str], np.ndarray] | None:

@@ -46,7 +46,8 @@ from ..errors import ConfigError, PLWError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import (
-    closing_token_ids, collate_rows, eval_path, eval_sources, load_split, model_kwargs, run_tokenizer, target_weight, verify_data,
+    closing_ids, collate_rows, eval_path, eval_sources, load_split, model_kwargs, run_tokenizer, target_weight,
+    tokenizer_files, verify_data,
 )
 from .distributed import all_reduce_sum, barrier, default_dist_env, init_distributed
 from .ds_config import build_ds_config, load_ds_config
@@ -123,7 +124,11 @@ class Trainer:
         model = load_model(cfg, base_dir=self.out / "base")
         barrier()  # rank 0 may have written OUT/base (a .gguf model's dequantised base)
         self.model = model
-        self.closing_ids = torch.tensor(closing_token_ids(cfg, model.config), dtype=torch.long)
+        tok = run_tokenizer(cfg)  # needed only here and in each checkpoint: not kept through training
+        self.closing_ids = torch.tensor(closing_ids(model.config, tok), dtype=torch.long)
+        self.tokenizer_files = tokenizer_files(tok) if tok is not None and self.is_main else {}
+        del tok
+        release_freed_memory()
         pad = getattr(model.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         self.flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
@@ -379,9 +384,8 @@ class Trainer:
                     self.model.save_pretrained(str(tmp), save_embedding_layers="auto" if embeds else False)
                 else:
                     self.model.save_pretrained(str(tmp))
-                tok = run_tokenizer(self.cfg)
-                if tok is not None:
-                    tok.save_pretrained(str(tmp))
+                for name, data in self.tokenizer_files.items():
+                    (tmp / name).write_bytes(data)
         barrier()
         if self.is_main:
             ckpt.seal(tmp, {**self._trainer_state(), **extra})
@@ -410,6 +414,24 @@ class Trainer:
             kept = [e for e in read_events(self.out / "metrics.jsonl") if e.get("step", 0) <= self.state.step]
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
         barrier()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS once, after set-up (glibc ``malloc_trim``): the
+    tokenizer and the loading leave many small freed blocks that the large activation buffers of
+    training never reuse, so without this they stay in the process's resident memory."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def _plw_text(plw: Schedule | dict[str, Schedule]) -> str:
