@@ -421,17 +421,14 @@ def release_freed_memory() -> None:
     tokenizer and the loading leave many small freed blocks that the large activation buffers of
     training never reuse, so without this they stay in the process's resident memory."""
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        trim = ctypes.CDLL(None).malloc_trim  # the C library the process already has loaded
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        trim = None
-    if trim is not None:
-        trim(0)
+        return
+    trim(0)
 
 
 def _plw_text(plw: Schedule | dict[str, Schedule]) -> str:
