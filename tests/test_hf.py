@@ -428,6 +428,12 @@ def _main() -> None:
     if trainer.is_world_process_zero():
         (a.out / "losses.json").write_text(json.dumps({"losses": hf_losses(trainer), "eval": metrics}))
         trainer.model.save_pretrained(str(a.out / "weights"))
+    # As docs/hf.md says: no rank tears its process group down while another still writes (a rank
+    # exiting first with gloo's threads alive can abort: "terminate called without an active exception").
+    import torch.distributed as dist
+
+    trainer.accelerator.wait_for_everyone()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
