@@ -33,6 +33,7 @@ docs/training.md) from on-device sums, all-reduced, and hands them to the callba
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -156,10 +157,11 @@ class PLWTrainerMixin:
         """``weighted_ce_sum · world / W``; without W (a lone batch) the batch's own Σ w·CE / Σ w."""
         hidden, outputs = self._final_hidden(model, inputs)
         _, head = decoder_and_head(self.accelerator.unwrap_model(model))
-        ce_sum = weighted_ce_sum(
-            hidden, head.weight, inputs["labels"], inputs["loss_weights"],
-            chunk_size=self.loss_chunk_size, lm_head_bias=head.bias,
-        )
+        with whole_parameters(head):
+            ce_sum = weighted_ce_sum(
+                hidden, head.weight, inputs["labels"], inputs["loss_weights"],
+                chunk_size=self.loss_chunk_size, lm_head_bias=head.bias,
+            )  # fmt: skip
         if num_items_in_batch is None:
             total, scale = target_weight(inputs), 1.0
         else:
@@ -229,9 +231,10 @@ class PLWTrainerMixin:
                     continue
                 batch = self._prepare_inputs(self.eval_collator(dataset[[int(i) for i in rows]]))
                 hidden, _ = self._final_hidden(model, batch)
-                ce, correct = token_ce_and_argmax(
-                    hidden, head.weight, batch["labels"], chunk_size=self.loss_chunk_size, lm_head_bias=head.bias
-                )
+                with whole_parameters(head):
+                    ce, correct = token_ce_and_argmax(
+                        hidden, head.weight, batch["labels"], chunk_size=self.loss_chunk_size, lm_head_bias=head.bias
+                    )
                 on = [batch[k] for k in ("labels", "category", "example_id", "input_ids")]
                 sums += eval_sums(ce, correct, *on, closing)
                 if names and "source_id" in batch:
@@ -242,6 +245,24 @@ class PLWTrainerMixin:
             sums = self.accelerator.reduce(sums, reduction="sum")
             by_source = self.accelerator.reduce(by_source, reduction="sum")
         return {**metrics_from_sums(sums), **(metrics_by_source(by_source, names) if names else {})}
+
+
+@contextlib.contextmanager
+def whole_parameters(module):
+    """Gather ``module``'s own parameters where DeepSpeed ZeRO-3 partitions them (a no-op otherwise).
+
+    ZeRO-3 gathers a module's weights only for that module's forward and backward; the fused loss
+    reads the lm_head weight after the model's forward has returned. Its gradient is computed in that
+    call, so the weight is not needed again in backward.
+    """
+    params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def _forward_parameters(model) -> set[str]:

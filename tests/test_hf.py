@@ -390,28 +390,61 @@ def test_gguf_adapter_loads_with_auto_peft_and_convert_gguf_gives_the_same_base(
 # --------------------------------------------------------------------------- two ranks
 
 
-@pytest.mark.slow
-def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, race_dir, reference):
-    """PLWTrainer, 2 ranks x micro-batch 1 x accumulation 2 (gloo, CPU) = plw-train 1 rank x 1 x 4: losses,
-    weights, and the eval metrics after training (eval rows split over the ranks, sums all-reduced)."""
-    ref_losses, ref_weights, ref_events = reference(False, 1, 4)
-    out = tmp_path / "out"
+def run_torchrun(out: Path, model: Path, data: Path, *args: str, nproc: int = 2) -> dict:
+    """This file's _main under ``torchrun --nproc-per-node NPROC`` (gloo, CPU): its losses.json."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port chosen by torchrun itself
-        __file__, "--model", str(tiny_model), "--data", str(race_dir), "--out", str(out), "--micro", "1", "--accum", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),  # a free port chosen by torchrun itself
+        __file__, "--model", str(model), "--data", str(data), "--out", str(out), *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "losses.json").read_text())
+    return json.loads((out / "losses.json").read_text())
+
+
+def assert_same_run(result: dict, out: Path, ref) -> None:
+    """Losses, weights and the eval metrics after training equal plw-train's run ``ref``."""
+    ref_losses, ref_weights, ref_events = ref
     assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
     assert_same(ref_weights, saved_weights(out / "weights"))
     (final_eval,) = [e for e in ref_events if "eval_completion_loss" in e]
     for key in EVAL_KEYS:
         assert result["eval"][key] == pytest.approx(final_eval[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, tiny_model, race_dir, reference):
+    """PLWTrainer, 2 ranks x micro-batch 1 x accumulation 2 (gloo, CPU) = plw-train 1 rank x 1 x 4: losses,
+    weights, and the eval metrics after training (eval rows split over the ranks, sums all-reduced)."""
+    out = tmp_path / "out"
+    result = run_torchrun(out, tiny_model, race_dir, "--micro", "1", "--accum", "2")
+    assert_same_run(result, out, reference(False, 1, 4))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_under_torchrun_equals_plw_train(tmp_path, tiny_model, race_dir, reference):
+    """PLWTrainer with ``TrainingArguments(deepspeed=ZeRO-3)``, full fine-tuning: the lm_head (tied to the
+    embeddings) is partitioned outside its own forward, and the loss gathers it. One process: on a
+    machine without GPUs, accelerate runs each DeepSpeed process as a world of one."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "out"
+    result = run_torchrun(out, tiny_model, race_dir, "--micro", "1", "--accum", "4", "--zero-stage", "3", nproc=1)
+    assert_same_run(result, out, reference(False, 1, 4))
+
+
+def zero_config(stage: int) -> dict:
+    """A DeepSpeed config for ``TrainingArguments(deepspeed=...)``: ZeRO ``stage``, the Trainer's own AdamW."""
+    return {
+        # save_model gathers the partitioned weights into one state dict (else: a DeepSpeed checkpoint)
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+    }
 
 
 def _main() -> None:
@@ -421,13 +454,23 @@ def _main() -> None:
         parser.add_argument(name, type=Path, required=True)
     parser.add_argument("--micro", type=int, default=1)
     parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--zero-stage", type=int, default=None, help="train under DeepSpeed ZeRO (accelerate's integration)")
+    parser.add_argument("--lora", action="store_true")
     a = parser.parse_args()
-    trainer = build_trainer(a.model, a.data, a.out, lora=False, micro=a.micro, accum=a.accum, eval_split=True)
+    extra = {}
+    if a.zero_stage is not None:
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # CPU: gloo, no JIT-compiled comm op
+        extra = dict(use_cpu=False, deepspeed=zero_config(a.zero_stage))
+    trainer = build_trainer(
+        a.model, a.data, a.out, lora=a.lora, micro=a.micro, accum=a.accum, eval_split=True, **extra
+    )
     trainer.train()
     metrics = trainer.evaluate()
+    trainer.save_model(str(a.out / "weights"))  # every rank: under ZeRO-3 the weights are gathered first
     if trainer.is_world_process_zero():
         (a.out / "losses.json").write_text(json.dumps({"losses": hf_losses(trainer), "eval": metrics}))
-        trainer.model.save_pretrained(str(a.out / "weights"))
     # As docs/hf.md says: no rank tears its process group down while another still writes (a rank
     # exiting first with gloo's threads alive can abort: "terminate called without an active exception").
     import torch.distributed as dist
