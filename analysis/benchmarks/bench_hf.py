@@ -10,9 +10,12 @@ costs), tokens/s over those updates, the process's peak RSS, and the wall and CP
 
 ``hand-written`` is what a user writes without plw_data.hf: a ``transformers.Trainer`` subclass
 with ``PLWCollator`` and ``weighted_ce_sum``, Σw over the accumulation window from
-``get_batch_samples`` (see :func:`hand_written_trainer`). ``--repeats R`` runs the kinds in turn R
-times (interleaved, so a busy spell on a shared machine hits every kind) and reports each kind's
-median run.
+``get_batch_samples`` (see :func:`hand_written_trainer`). ``--repeats R`` runs R rounds of all kinds
+(interleaved, so a busy spell on a shared machine hits every kind), each round starting one kind
+later than the one before: with R a multiple of the number of kinds every kind runs equally often
+first, second, ..., so a machine whose speed drifts during the benchmark (seen here: +15 % over
+25 minutes, the same for every kind) favours none. Reported per kind: its median run, and
+``*_paired``, the median over rounds of its ratio to the first kind in the same round.
 
 Peak RSS under glibc's default allocator depends on the order of allocations (freed activation
 memory is kept, and reused or not), so it moves by ±0.1 GB between identical runs. ``--live-memory``
@@ -214,8 +217,8 @@ def main() -> None:
             return json.loads(line[len("RESULT ") :]), wall, cpu
 
         runs = []
-        for i, kind in enumerate(a.kinds * a.repeats):  # interleaved repeats on a shared machine
-            runs.append(summarise(kind, *run(i, kind, steps, {}), tokens_per_update))
+        for i, (rnd, kind) in enumerate(rotated_rounds(a.kinds, a.repeats)):
+            runs.append({"round": rnd, **summarise(kind, *run(i, kind, steps, {}), tokens_per_update)})
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "losses"}), flush=True)
         live = {}
         if a.live_memory:
@@ -234,14 +237,33 @@ def main() -> None:
     for r in results:
         r["tokens_per_second_vs_first"] = round(r["tokens_per_second"] / base["tokens_per_second"], 3)
         r["peak_rss_vs_first"] = round(r["peak_rss_gb"] / base["peak_rss_gb"], 3)
+        for key in ("tokens_per_second", "peak_rss_gb"):
+            r[f"{key}_vs_first_paired"] = paired_ratio(runs, r["trainer"], base["trainer"], key)
         if "peak_live_rss_gb" in r:
             r["peak_live_rss_vs_first"] = round(r["peak_live_rss_gb"] / base["peak_live_rss_gb"], 3)
     for r in results:
-        print(f"{r['trainer']:14s} {r['tokens_per_second']:7.1f} tokens/s ({r['tokens_per_second_vs_first']:.3f}x)"
-              f"  peak RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_vs_first']:.3f}x)"
+        print(f"{r['trainer']:14s} {r['tokens_per_second']:7.1f} tokens/s ({r['tokens_per_second_vs_first']:.3f}x,"
+              f" paired {r['tokens_per_second_vs_first_paired']:.3f}x)"
+              f"  peak RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_vs_first']:.3f}x, paired {r['peak_rss_gb_vs_first_paired']:.3f}x)"
               + (f"  live {r['peak_live_rss_gb']:.3f} GB ({r['peak_live_rss_vs_first']:.3f}x)" if "peak_live_rss_gb" in r else ""))
     if a.json:
         a.json.write_text(json.dumps({"setup": setup, "results": results, "runs": runs}, indent=2) + "\n")
+
+
+def rotated_rounds(kinds: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(round, kind) in run order: round r runs the kinds starting at ``kinds[r % len(kinds)]``."""
+    n = len(kinds)
+    return [(r, kinds[(r + i) % n]) for r in range(repeats) for i in range(n)]
+
+
+def paired_ratio(runs: list[dict], kind: str, base: str, key: str) -> float:
+    """Median over rounds of ``kind``'s ``key`` over ``base``'s in the same round."""
+    import statistics
+
+    by_round: dict[int, dict[str, float]] = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["trainer"]] = r[key]
+    return round(statistics.median(v[kind] / v[base] for v in by_round.values()), 3)
 
 
 def median_run(runs: list[dict]) -> dict:
