@@ -95,6 +95,12 @@ class PLWTrainerMixin:
                 f"{type(self).__name__} needs data_collator=PLWCollator(prompt_loss_weight=...) (got {got})"
             )
         kwargs["data_collator"] = collator
+        for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+            if kwargs.get(name) is not None:  # evaluate() below never calls them: say so, not ignore them
+                raise ConfigError(
+                    f"{type(self).__name__} reports plw-train's eval metrics (eval_completion_loss, ...) and does not "
+                    f"call {name}: remove it, or override evaluate() for other metrics"
+                )
         train_args = kwargs.get("args")
         train_args = self._default_args() if train_args is None else copy.copy(train_args)  # caller's stays as is
         train_args.remove_unused_columns = False  # the collator needs the mask columns

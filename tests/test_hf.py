@@ -230,6 +230,22 @@ def test_plw_trainer_without_plw_collator_is_refused(tmp_path, tiny_model, race_
                        data_collator=collator)  # fmt: skip
 
 
+def test_compute_metrics_is_refused_not_ignored(tmp_path, tiny_model, race_dir):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from plw_data import PLWCollator
+    from plw_data.errors import ConfigError
+    from plw_data.hf import PLWTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    train = load_from_disk(str(race_dir / "train"))
+    for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+        with pytest.raises(ConfigError, match=rf"does not call {name}: remove it, or override evaluate\(\)"):
+            PLWTrainer(model=model, args=training_args(tmp_path, micro=1, accum=1), train_dataset=train,
+                       data_collator=PLWCollator(prompt_loss_weight=0.1), **{name: lambda *a: {}})  # fmt: skip
+
+
 def test_trainer_sets_what_it_needs_without_touching_the_callers_args(tmp_path, tiny_model, race_dir):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM

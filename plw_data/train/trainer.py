@@ -128,7 +128,6 @@ class Trainer:
         self.closing_ids = torch.tensor(closing_ids(model.config, tok), dtype=torch.long)
         self.tokenizer_files = tokenizer_files(tok) if tok is not None and self.is_main else {}
         del tok
-        release_freed_memory()
         pad = getattr(model.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         self.flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
@@ -414,21 +413,6 @@ class Trainer:
             kept = [e for e in read_events(self.out / "metrics.jsonl") if e.get("step", 0) <= self.state.step]
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
         barrier()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS once, after set-up (glibc ``malloc_trim``): the
-    tokenizer and the loading leave many small freed blocks that the large activation buffers of
-    training never reuse, so without this they stay in the process's resident memory."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # the C library the process already has loaded
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return
-    trim(0)
 
 
 def _plw_text(plw: Schedule | dict[str, Schedule]) -> str:
