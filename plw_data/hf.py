@@ -167,7 +167,7 @@ class PLWTrainerMixin:
             ce_sum = weighted_ce_sum(
                 hidden, head.weight, inputs["labels"], inputs["loss_weights"],
                 chunk_size=self.loss_chunk_size, lm_head_bias=head.bias,
-            )  # fmt: skip
+            )
         if num_items_in_batch is None:
             total, scale = target_weight(inputs), 1.0
         else:
