@@ -63,7 +63,7 @@ class TrainConfig:
     template_weight: str | None = _opt(None, "Template-token weight or schedule; default: the same as the PLW.")
     completion_weight: float = _opt(1.0, "Completion-token weight.")
     reasoning_weight: float = _opt(1.0, "Reasoning tokens weigh completion weight x this (0: train on the answer only).")
-    loss_chunk_size: int | None = _opt(None, "Target tokens per chunk of the fused loss (default: 256 MiB of logits).")
+    loss_chunk_size: int | None = _opt(None, "Target tokens per chunk of the fused loss (default: 128 MiB of fp32 logits).")
     # --- optimisation
     learning_rate: float = _opt(2e-4, "Peak learning rate (AdamW).")
     weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms).")
