@@ -35,6 +35,9 @@ def _parameters() -> list[inspect.Parameter]:
 
 @o.handle_errors
 def _command(**given: Any) -> None:
+    from plw_data.train.model import allocator_env
+
+    allocator_env()  # before anything imports torch
     from plw_data.config import build_config, load_recipe
 
     recipe = given.pop("recipe")

@@ -84,6 +84,10 @@ def train_config(a: argparse.Namespace, out: Path):
 
 def child(a: argparse.Namespace) -> dict:
     """One trainer, in this process: update end times (wall and process CPU seconds since the loop began)."""
+    if a.kind == "plw-train":  # what the plw-train command does first (docs/training.md)
+        from plw_data.train.model import allocator_env
+
+        allocator_env()
     import torch
 
     torch.set_num_threads(a.threads)

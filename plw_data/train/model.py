@@ -15,6 +15,14 @@ from ..errors import ConfigError
 from ..tokenizer import gguf_location
 from .config import TrainConfig
 
+def allocator_env() -> None:
+    """Large CPU tensors on transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``), unless the
+    environment already says. PyTorch reads it at its first allocation, so ``plw-train`` calls this
+    before importing torch. Measured on the bench_hf setup (SmolLM2 LoRA, CPU, 4 paired runs): peak
+    RSS 2.33-2.37 GB instead of 2.54-2.58, time per update the same within the runs' spread."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def resolve_dtype(name: str) -> str:
     """``auto``: bf16 where the hardware computes it natively; else fp32 (CPUs without AVX512-BF16/AMX
     run bf16 matmuls through slow fallback kernels, ~35x slower than fp32 on an AVX2 EPYC)."""
