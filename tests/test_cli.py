@@ -124,3 +124,23 @@ def test_chat_template_file_on_the_command_line(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["chat_template_file"] == str(template) and m["counts"]["kept"] == 4
     assert _run(["-m", "plw_data", "verify", str(out)]).returncode == 0
+
+
+def test_plw_train_asks_for_huge_page_tensors_before_torch_loads():
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: the command must set it before
+    anything imports torch, and keep a value the user set."""
+    code = (
+        "import os, sys\n"
+        "import plw_data.config as c\n"
+        "def stop(*args, **kwargs):\n"
+        "    print('THP', os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+        "    raise SystemExit(0)\n"
+        "c.load_recipe = stop\n"
+        "from plw_data.cli.train import app\n"
+        "app(['--model', 'm', '--data', 'd', '--output', 'o'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    for extra, want in (({}, "THP 1 no torch"), ({"THP_MEM_ALLOC_ENABLE": "0"}, "THP 0 no torch")):
+        proc = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert want in proc.stdout, proc.stdout + proc.stderr[-2000:]
