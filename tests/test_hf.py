@@ -471,7 +471,6 @@ def _main() -> None:
     parser.add_argument("--micro", type=int, default=1)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=None, help="train under DeepSpeed ZeRO (accelerate's integration)")
-    parser.add_argument("--lora", action="store_true")
     a = parser.parse_args()
     extra = {}
     if a.zero_stage is not None:
@@ -480,7 +479,7 @@ def _main() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # CPU: gloo, no JIT-compiled comm op
         extra = dict(use_cpu=False, deepspeed=zero_config(a.zero_stage))
     trainer = build_trainer(
-        a.model, a.data, a.out, lora=a.lora, micro=a.micro, accum=a.accum, eval_split=True, **extra
+        a.model, a.data, a.out, lora=False, micro=a.micro, accum=a.accum, eval_split=True, **extra
     )
     trainer.train()
     metrics = trainer.evaluate()

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..tokenizer import gguf_location
 from .config import TrainConfig
 
+
 def allocator_env() -> None:
     """Large CPU tensors on transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``), unless the
     environment already says. PyTorch reads it at its first allocation, so ``plw-train`` calls this
